@@ -1,0 +1,57 @@
+# The two commands that matter:  make course  (run the course)  and  make test  (run the tests).
+# Both create .venv and install everything they need; nothing else is required on a fresh machine
+# beyond Python >= 3.10 with venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SCALE ?= course
+STAMP := $(VENV)/.installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: course test install nbtest pytest export clean-nbs docs readme bench help
+
+help:
+	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass)"
+	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
+	@echo "make docs     - build the docs site (Quarto if installed, else static HTML in _docs/)"
+	@echo "make readme   - regenerate README.md from nbs/index.ipynb"
+	@echo "make export   - nbdev_export + nbdev_clean (run before every commit)"
+
+$(STAMP): settings.ini setup.py pyproject.toml .ci/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and exactly pinned: a bare 'torch' could pull another (multi-GB) build
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt torch torchaudio
+	$(BIN)/python -m pip install -q -c .ci/constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+course: $(STAMP)
+	SPEECHLLM_SCALE=$(SCALE) $(BIN)/python tools/run_course.py --scale $(SCALE)
+
+nbtest: $(STAMP)
+	SPEECHLLM_SCALE=smoke $(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: $(STAMP)
+	SPEECHLLM_SCALE=smoke $(BIN)/python -m pytest tests/ -q
+
+# nbdev_test prints only "Success."; pytest runs last so its closing line is the one CI reads
+test: $(STAMP)
+	$(MAKE) --no-print-directory nbtest
+	$(MAKE) --no-print-directory pytest
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+docs: $(STAMP)
+	$(BIN)/python tools/build_docs.py
+
+readme: $(STAMP)
+	$(BIN)/python tools/build_docs.py --readme-only
+
+bench: $(STAMP)
+	@for f in bench/*.py; do [ -e "$$f" ] || continue; echo "== $$f"; SPEECHLLM_SCALE=$${SPEECHLLM_SCALE:-smoke} $(BIN)/python $$f || exit 1; done

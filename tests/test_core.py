@@ -1,0 +1,148 @@
+"""core: the scale knob, atomic writes, the artifact cache (incl. interrupted and concurrent builds), train() edge cases."""
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from speechllm_course import core
+
+
+def test_scale_knob(monkeypatch):
+    monkeypatch.delenv("SPEECHLLM_SCALE", raising=False)
+    assert core.get_scale() == "course"
+    monkeypatch.setenv("SPEECHLLM_SCALE", "SMOKE")
+    assert core.get_scale() == "smoke"
+    monkeypatch.setenv("SPEECHLLM_SCALE", "tiny")
+    with pytest.raises(ValueError, match=r"SPEECHLLM_SCALE: expected one of .*got 'tiny'"):
+        core.get_scale()
+    with pytest.raises(ValueError, match="scale: expected"):
+        core.for_scale(dict(smoke=1, course=2, full=3), scale="medium")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="seed: expected an int"):
+        core.seed_everything("42")
+    with pytest.raises(ValueError, match="prefer"):
+        core.pick_device("quantum")
+    with pytest.raises(ValueError, match="n_samples"):
+        core.n_frames(-1)
+    with pytest.raises(ValueError, match="mode"):
+        with core.atomic_write("/tmp/x", "a"):
+            pass
+    with pytest.raises(ValueError, match="steps: expected a positive int, got 0"):
+        core.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="model: expected a torch nn.Module"):
+        core.train("not a model", [1, 2, 3], steps=1)
+    frozen = nn.Linear(2, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="all parameters frozen"):
+        core.train(frozen, [1, 2, 3], steps=1)
+    with pytest.raises(ValueError, match="data: expected a non-empty dataset"):
+        core.train(nn.Linear(2, 1), [], steps=1, progress=False)
+    with pytest.raises(ValueError, match="loss_fn"):  # a plain module has no .loss
+        core.train(nn.Linear(2, 1), [{"input": torch.zeros(2)}] * 4, steps=1, batch_size=2, progress=False)
+
+
+def _build_slowly(tmp: Path):
+    (tmp / "pid").write_text(str(os.getpid()))
+    time.sleep(1.0)
+    np.save(tmp / "x.npy", np.arange(10))
+    return {"builder": os.getpid()}
+
+
+def _ask(root):
+    return str(core.get_or_build("slow", _build_slowly, version=1, root=root, scale="smoke"))
+
+
+def test_concurrent_get_or_build_builds_once(tmp_path):
+    with mp.get_context("spawn").Pool(3) as pool:
+        paths = pool.map(_ask, [str(tmp_path)] * 3)
+    assert len(set(paths)) == 1
+    man = core.load_manifest(paths[0])
+    assert man["info"]["builder"] == int((Path(paths[0]) / "pid").read_text())
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir() if not p.name.endswith(".lock")) == ["slow"]
+
+
+def test_interrupted_build_is_detected_and_rebuilt(tmp_path):
+    base = tmp_path / "smoke"
+    # a build killed mid-way leaves a temp folder; an older crash could even leave a final folder without manifest
+    (base / ".thing.building-deadbeef").mkdir(parents=True)
+    (base / ".thing.building-deadbeef" / "half.npy").write_bytes(b"\x93NUMPY")
+    (base / "thing").mkdir()
+    (base / "thing" / "x.npy").write_bytes(b"partial")
+    assert core.artifact_problem(base / "thing") == "no manifest (build never finished)"
+    built = []
+    path = core.get_or_build("thing", lambda t: (built.append(1), np.save(t / "x.npy", np.ones(3)))[0] and None,
+                             version=1, root=tmp_path, scale="smoke")
+    assert built == [1] and np.load(path / "x.npy").tolist() == [1, 1, 1]
+    assert not list(base.glob(".thing.building-*")), "leftovers of the crashed build must be swept"
+    assert core.load_manifest(path)["reason"] == "no manifest (build never finished)"
+    # same size, different bytes: only a full verification notices
+    arr = np.load(path / "x.npy"); arr[0] = 7; np.save(path / "x.npy", arr)
+    assert core.artifact_problem(path, 1) is None
+    assert core.artifact_problem(path, 1, verify="full") == "checksum of x.npy changed"
+    path = core.get_or_build("thing", lambda t: np.save(t / "x.npy", np.ones(3)), version=1, root=tmp_path,
+                             scale="smoke", verify="full")
+    assert np.load(path / "x.npy").tolist() == [1, 1, 1]
+    # a new version rebuilds
+    path = core.get_or_build("thing", lambda t: np.save(t / "x.npy", np.zeros(2)), version=2, root=tmp_path, scale="smoke")
+    assert np.load(path / "x.npy").tolist() == [0, 0]
+
+
+def test_get_or_build_bad_args(tmp_path):
+    with pytest.raises(ValueError, match="name"):
+        core.get_or_build("a/b", lambda t: None, version=1, root=tmp_path)
+    with pytest.raises(ValueError, match="build"):
+        core.get_or_build("a", "not callable", version=1, root=tmp_path)
+    with pytest.raises(ValueError, match="verify"):
+        core.get_or_build("a", lambda t: None, version=1, root=tmp_path, verify="maybe")
+
+
+def test_data_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "d"))
+    assert core.data_root() == (tmp_path / "d").resolve()
+    monkeypatch.delenv("SPEECHLLM_DATA")
+    monkeypatch.chdir(Path(__file__).parent)  # inside the checkout: its data/
+    assert core.data_root() == Path(__file__).resolve().parents[1] / "data"
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.2), nn.Linear(16, 1))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 4, generator=g)
+    return torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+
+
+def _mse(m, b):
+    return {"loss": nn.functional.mse_loss(m(b[0]), b[1]), "abs_err": (m(b[0]) - b[1]).abs().mean()}
+
+
+def test_train_deterministic_and_logs_extras():
+    h1 = core.train(m1 := _mlp(), _data(), loss_fn=_mse, steps=30, batch_size=8, log_every=10, progress=False)
+    h2 = core.train(m2 := _mlp(), _data(), loss_fn=_mse, steps=30, batch_size=8, log_every=10, progress=False, seed=0)
+    assert h1.losses == h2.losses and len(h1.extras["abs_err"]) == 3
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    h3 = core.train(_mlp(), _data(), loss_fn=_mse, steps=30, batch_size=8, log_every=10, progress=False, seed=1)
+    assert h3.losses != h1.losses, "the seed must matter (shuffling, dropout)"
+
+
+def test_train_nan_loss_is_reported():
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        core.train(_mlp(), _data(), loss_fn=lambda m, b: m(b[0]).sum() * float("nan"), steps=2, batch_size=8, progress=False)
+
+
+def test_resume_finished_run_is_noop(tmp_path):
+    ck = tmp_path / "ck"
+    core.train(_mlp(), _data(), loss_fn=_mse, steps=10, batch_size=8, log_every=5, ckpt_dir=str(ck), progress=False)
+    m = _mlp()
+    h = core.train(m, _data(), loss_fn=_mse, steps=10, batch_size=8, log_every=5, ckpt_dir=str(ck), progress=False)
+    assert h.resumed_from == 10 and len(h.losses) == 2
+    assert not torch.equal(m[0].weight, _mlp()[0].weight), "the finished weights must be loaded"

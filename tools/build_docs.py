@@ -1,0 +1,123 @@
+"""`make docs`: build the docs site.
+
+With Quarto installed this is nbdev's own `nbdev_docs` (site in _docs/). Quarto cannot be installed offline, so
+without it we process the notebooks the way nbdev does for Quarto (`proc_nbs`: hide `#| hide` cells, render
+`show_doc`, ...) and render each processed notebook to static HTML with nbconvert, adding a navigation sidebar
+built from nbs/sidebar.yml, so the site can still be read and checked in a browser here.
+
+    python tools/build_docs.py                # the site
+    python tools/build_docs.py --readme-only  # README.md from nbs/index.ipynb
+"""
+import argparse
+import html
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS, OUT = ROOT / "nbs", ROOT / "_docs"
+
+
+def chapters() -> list[str]:
+    "Notebook file names in sidebar order."
+    side = yaml.safe_load((NBS / "sidebar.yml").read_text())
+    return [c for c in side["website"]["sidebar"]["contents"] if isinstance(c, str) and c.endswith(".ipynb")]
+
+
+def _title(nb) -> str:
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            m = re.search(r"^#\s+(.+)$", c.source, re.M)
+            if m:
+                return m.group(1).strip()
+    return "untitled"
+
+
+def _strip_hidden(nb):
+    "Drop cells nbdev would not show (#| hide, the Colab install cell, default_exp)."
+    keep = []
+    for c in nb.cells:
+        first = c.source.lstrip().splitlines()[:3]
+        directives = [l.replace(" ", "") for l in first if l.replace(" ", "").startswith("#|")]
+        if any(d.startswith(("#|hide", "#|default_exp", "#|include:false")) for d in directives):
+            continue
+        keep.append(c)
+    nb.cells = keep
+    return nb
+
+
+def write_readme() -> Path:
+    "README.md from nbs/index.ipynb (what nbdev_readme does, without Quarto)."
+    nb = _strip_hidden(nbformat.read(NBS / "index.ipynb", as_version=4))
+    parts = []
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            src = re.sub(r"\]\((\d\d_[a-z_]+)\.ipynb\)", r"](nbs/\1.ipynb)", c.source)  # links work from the repo root
+            parts.append(src.replace("> ", "> ", 1))
+        elif c.cell_type == "code":
+            parts.append(f"```python\n{c.source}\n```")
+    text = "<!-- generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file -->\n\n" + "\n\n".join(parts) + "\n"
+    tmp = ROOT / ".README.md.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, ROOT / "README.md")
+    return ROOT / "README.md"
+
+
+def static_site() -> Path:
+    "Process the notebooks like nbdev does, then render them to HTML with a sidebar."
+    from nbconvert import HTMLExporter
+    from nbdev.serve import proc_nbs
+    proc = Path(proc_nbs(NBS))  # -> _proc/ with nbdev's processors applied
+    names = chapters()
+    titles = {}
+    for n in names:
+        p = proc / n
+        if not p.exists():
+            raise SystemExit(f"sidebar.yml lists {n}, but nbs/{n} does not exist")
+        titles[n] = _title(nbformat.read(p, as_version=4))
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir()
+    exporter = HTMLExporter(template_name="lab")
+    for n in names:
+        nb = _strip_hidden(nbformat.read(proc / n, as_version=4))
+        body, _ = exporter.from_notebook_node(nb)
+        page = n.replace(".ipynb", ".html")
+        nav = "".join(f'<li class="{"active" if m == n else ""}"><a href="{m.replace(".ipynb", ".html")}">{html.escape(titles[m])}</a></li>'
+                      for m in names)
+        sidebar = (f'<nav id="course-nav" aria-label="chapters"><div class="course-title">speechllm-course</div>'
+                   f'<ul>{nav}</ul></nav>')
+        style = ("<style>#course-nav{position:fixed;top:0;left:0;width:230px;height:100%;overflow:auto;background:#f6f7f9;"
+                 "border-right:1px solid #ddd;padding:12px;font:14px sans-serif}#course-nav ul{list-style:none;padding:0}"
+                 "#course-nav li{margin:6px 0}#course-nav li.active a{font-weight:bold}"
+                 ".course-title{font-weight:bold;font-size:16px}body{margin-left:250px!important}</style>")
+        body = body.replace("</head>", style + "</head>", 1).replace("<body", "<body", 1)
+        body = re.sub(r"(<body[^>]*>)", r"\1" + sidebar.replace("\\", "\\\\"), body, count=1)
+        body = re.sub(r'href="(\d\d_[a-z_]+|index)\.ipynb', r'href="\1.html', body)  # cross-links between chapters
+        (OUT / page).write_text(body, encoding="utf-8")
+    (OUT / "index.html").exists() or shutil.copy(OUT / names[0].replace(".ipynb", ".html"), OUT / "index.html")
+    return OUT
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme-only", action="store_true")
+    args = ap.parse_args()
+    print("README:", write_readme().relative_to(ROOT))
+    if args.readme_only:
+        return 0
+    if shutil.which("quarto"):
+        return subprocess.call([str(Path(sys.executable).with_name("nbdev_docs"))], cwd=ROOT)
+    out = static_site()
+    print(f"Quarto not found: static site in {out.relative_to(ROOT)}/ ({len(list(out.glob('*.html')))} pages); "
+          f"open {out.relative_to(ROOT)}/index.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

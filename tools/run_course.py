@@ -1,0 +1,81 @@
+"""The main job (`make course`): execute every chapter in order at one scale, save the executed notebooks,
+record wall time per chapter, and say where the results are.
+
+    python tools/run_course.py --scale course            # executed copies in data/results/course/
+    python tools/run_course.py --scale course --inplace  # write outputs into nbs/ (what the repo commits)
+    python tools/run_course.py --only 01 02              # a subset, by number prefix
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hardware() -> str:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default=os.environ.get("SPEECHLLM_SCALE", "course"), choices=["smoke", "course", "full"])
+    ap.add_argument("--inplace", action="store_true", help="write the executed notebooks back into nbs/")
+    ap.add_argument("--only", nargs="*", default=None, help="chapter number prefixes to run, e.g. 00 01")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    args = ap.parse_args()
+    os.environ["SPEECHLLM_SCALE"] = args.scale
+
+    chapters = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        chapters = [p for p in chapters if any(p.name.startswith(o) for o in args.only)]
+    if not chapters:
+        print("no chapters matched", file=sys.stderr)
+        return 2
+    out_dir = ROOT / "data" / "results" / args.scale
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings, failed = {}, None
+    print(f"running {len(chapters)} chapters at scale={args.scale} on {hardware()}")
+    for nb_path in chapters:
+        nb = nbformat.read(nb_path, as_version=4)
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(nb_path.parent)}})
+        t0 = time.perf_counter()
+        print(f"  {nb_path.name} ...", end="", flush=True)
+        try:
+            client.execute()
+        except CellExecutionError as e:
+            failed = (nb_path.name, str(e).splitlines()[-1] if str(e) else repr(e))
+        dt = time.perf_counter() - t0
+        timings[nb_path.stem] = round(dt, 1)
+        target = nb_path if args.inplace and failed is None else out_dir / nb_path.name
+        tmp = target.with_name(f".{target.name}.tmp")
+        nbformat.write(nb, tmp)
+        os.replace(tmp, target)
+        print(f" {dt:7.1f} s" + ("  FAILED" if failed else ""))
+        if failed:
+            break
+    summary = dict(scale=args.scale, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M"),
+                   seconds=timings, total_seconds=round(sum(timings.values()), 1), failed=failed)
+    tmp = out_dir / ".timings.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out_dir / "timings.json")
+    print(f"total {summary['total_seconds']} s; executed notebooks: "
+          f"{'nbs/ (in place)' if args.inplace else out_dir.relative_to(ROOT)}; timings: {(out_dir / 'timings.json').relative_to(ROOT)}")
+    if failed:
+        print(f"FAILED in {failed[0]}: {failed[1]} (the executed notebook with the traceback is in {out_dir.relative_to(ROOT)})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
