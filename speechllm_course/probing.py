@@ -213,6 +213,7 @@ def train_cpc(wavs: Sequence[np.ndarray], config: CPCConfig, steps: int, batch_s
               lr: float = 1e-3, seed: int = 0, progress: bool = True, **train_overrides):
     "A fresh CPCModel trained on `wavs`; returns (model, TrainHistory)."
     if len(wavs) == 0: raise bad_arg("wavs", "at least one waveform", "none")
+    if not all(np.isfinite(np.asarray(w)).all() for w in wavs): raise bad_arg("wavs", "finite waveforms", "NaN or inf samples")
     torch.manual_seed(seed)
     model = CPCModel(config)
     hist = train(model, list(wavs), steps=steps, batch_size=min(batch_size, len(wavs)), lr=lr, seed=seed, warmup=0.05,

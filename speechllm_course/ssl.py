@@ -179,6 +179,7 @@ def pretrain(model: HubertForMaskedPrediction, # trained in place
     "One HuBERT iteration: masked prediction of `examples`' units with chapter 00's `train()`; returns the TrainHistory."
     if not isinstance(model, HubertForMaskedPrediction): raise bad_arg("model", "a HubertForMaskedPrediction", type(model).__name__)
     if len(examples) == 0: raise bad_arg("examples", "at least one example", "none")
+    if not all(np.isfinite(e["wav"]).all() for e in examples): raise bad_arg("examples", "finite waveforms", "NaN or inf samples")
     for e in examples[:50]:
         if abs(len(e["units"]) - len(e["wav"]) // HOP) > 0:
             raise bad_arg("examples", "one unit per 320 samples (n_samples // 320 units)", f"{len(e['units'])} units for {len(e['wav'])} samples")

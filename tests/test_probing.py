@@ -103,6 +103,7 @@ def test_spoken_pairs_are_matched():
     (lambda m: CropCollator(m)([]), ["wavs", "non-empty"]),
     (lambda m: CropCollator(m)([np.zeros(400, np.float32)]), ["wavs", "2 frames"]),
     (lambda m: train_cpc([], CPCConfig(), steps=1), ["wavs", "at least one"]),
+    (lambda m: train_cpc([np.full(3200, np.inf, np.float32)], CPCConfig(), steps=1), ["wavs", "finite"]),
     (lambda m: standardize_utterances([np.zeros((0, 3))]), ["feats", "non-empty"]),
     (lambda m: spoken_minimal_pairs("phonetic", 2), ["kind", "lexical"]),
     (lambda m: spoken_minimal_pairs("lexical", 0), ["n", "positive"]),

@@ -140,6 +140,7 @@ def test_probe_accuracy_separable_vs_random():
     (lambda m: pretrain(m, [dict(wav=np.zeros(3200, np.float32), units=np.zeros(4, int))], steps=1), ["examples", "n_samples // 320"]),
     (lambda m: pretrain(m, [dict(wav=np.zeros(3200, np.float32), units=np.full(10, 99))], steps=1), ["examples", "num_clusters"]),
     (lambda m: pretrain(torch.nn.Linear(2, 2), _examples(2), steps=1), ["model", "HubertForMaskedPrediction"]),
+    (lambda m: pretrain(m, [dict(wav=np.full(3200, np.nan, np.float32), units=np.zeros(10, int))], steps=1), ["examples", "finite"]),
     (lambda m: span_mask(2, 10, prob=0), ["prob"]),
     (lambda m: span_mask(2, 10, span=0), ["span"]),
     (lambda m: hubert_config(hidden_size=30, num_heads=4), ["num_heads", "30"]),
