@@ -35,7 +35,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ["SPEECHLLM_SCALE"] = args.scale
 
-    chapters = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb"))
+    chapters = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))
     if args.only:
         chapters = [p for p in chapters if any(p.name.startswith(o) for o in args.only)]
     if not chapters:
