@@ -58,7 +58,7 @@ def write_readme() -> Path:
     parts = []
     for c in nb.cells:
         if c.cell_type == "markdown":
-            src = re.sub(r"\]\((\d\d_[a-z_]+)\.ipynb\)", r"](nbs/\1.ipynb)", c.source)  # links work from the repo root
+            src = re.sub(r"\]\((\d\d[a-z]?_[a-z_]+)\.ipynb\)", r"](nbs/\1.ipynb)", c.source)  # links work from the repo root
             parts.append(src.replace("> ", "> ", 1))
         elif c.cell_type == "code":
             parts.append(f"```python\n{c.source}\n```")
@@ -98,7 +98,7 @@ def static_site() -> Path:
                  ".course-title{font-weight:bold;font-size:16px}body{margin-left:250px!important}</style>")
         body = body.replace("</head>", style + "</head>", 1).replace("<body", "<body", 1)
         body = re.sub(r"(<body[^>]*>)", r"\1" + sidebar.replace("\\", "\\\\"), body, count=1)
-        body = re.sub(r'href="(\d\d_[a-z_]+|index)\.ipynb', r'href="\1.html', body)  # cross-links between chapters
+        body = re.sub(r'href="(\d\d[a-z]?_[a-z_]+|index)\.ipynb', r'href="\1.html', body)  # cross-links between chapters
         (OUT / page).write_text(body, encoding="utf-8")
     (OUT / "index.html").exists() or shutil.copy(OUT / names[0].replace(".ipynb", ".html"), OUT / "index.html")
     return OUT
