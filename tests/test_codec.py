@@ -70,9 +70,6 @@ def test_each_residual_level_lowers_the_error():
 def test_quantizer_dropout_keeps_a_random_number_of_levels():
     rvq = ResidualVQ(QuantizerConfig(dim=8, levels=4, codebook_size=16, quantizer_dropout=1.0)).train()
     x = torch.randn(64, 3, 8)
-    out, _, _ = rvq(x)
-    full = sum(cb.lookup(cb.nearest(cb.project(x))) for cb in rvq.levels[:1])  # first level alone, for shape only
-    assert out.shape == full.shape
     rvq.eval()
     outs = {n: rvq(x, n_levels=n)[0] for n in range(1, 5)}
     rvq.train()
