@@ -22,7 +22,7 @@ from .features import LogMel
 from .units import KMeans
 
 # %% auto #0
-__all__ = ['CHARS', 'BLANK', 'TOKENIZER_SIZES', 'TOKEN_RATES', 'TOKENIZER_VERSION', 'text_to_ids', 'ids_to_text',
+__all__ = ['CHARS', 'BLANK', 'TOKENIZER_SIZES', 'TOKEN_RATES', 'TOKENIZER_VERSION', 'text_to_ids', 'ids_to_text', 'ctc_best_path',
            'ctc_greedy_decode', 'edit_distance', 'error_rate', 'SupervisedTokenizerConfig', 'VectorQuantizer',
            'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder', 'SupervisedTokenizerOutput',
            'SupervisedTokenizer', 'pad_features', 'pad_tokens', 'pad_labels', 'length_buckets', 'TokenizerSizes',
@@ -49,15 +49,22 @@ def ids_to_text(ids: Sequence[int]) -> str:
     return "".join(CHARS[i - 1] for i in ids if i != BLANK)
 
 
-def ctc_greedy_decode(logits: torch.Tensor, # (frames, vocab) scores of one utterance
-                      length: int | None = None, # frames to read (default: all)
-                     ) -> str:
-    "Best path: argmax per frame, merge repeats, drop blanks."
+def ctc_best_path(logits: torch.Tensor, # (frames, vocab) scores of one utterance
+                  length: int | None = None, # frames to read (default: all)
+                 ) -> list[int]:
+    "Best path: argmax per frame, merge repeats, drop blanks; the label ids."
     if logits.ndim != 2: raise bad_arg("logits", "a (frames, vocab) tensor", f"shape {tuple(logits.shape)}")
     best = logits[: length if length is not None else len(logits)].argmax(-1)
     keep = torch.ones_like(best, dtype=torch.bool)
     keep[1:] = best[1:] != best[:-1]
-    return " ".join(ids_to_text(best[keep & (best != BLANK)].tolist()).split())
+    return best[keep & (best != BLANK)].tolist()
+
+
+def ctc_greedy_decode(logits: torch.Tensor, # (frames, vocab) scores of one utterance
+                      length: int | None = None, # frames to read (default: all)
+                     ) -> str:
+    "The best path's transcript (characters)."
+    return " ".join(ids_to_text(ctc_best_path(logits, length)).split())
 
 
 def edit_distance(ref: Sequence, hyp: Sequence) -> int:
@@ -381,9 +388,9 @@ def pad_tokens(seqs: Sequence[Sequence[int] | torch.Tensor]) -> tuple[torch.Tens
     return ids, mask
 
 
-def pad_labels(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    "Character ids of transcripts, padded: (B, max_chars) and lengths."
-    ids = [text_to_ids(t) for t in texts]
+def pad_labels(texts: Sequence[str | Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    "Label ids, padded: (B, max_labels) and lengths. Strings become character ids; id lists (e.g. phones) pass as they are."
+    ids = [text_to_ids(t) if isinstance(t, str) else [int(i) for i in t] for t in texts]
     out = torch.zeros(len(ids), max(1, max(len(i) for i in ids)), dtype=torch.long)
     for k, i in enumerate(ids): out[k, : len(i)] = torch.tensor(i, dtype=torch.long)
     return out, torch.tensor([len(i) for i in ids])
@@ -431,21 +438,24 @@ TOKENIZER_VERSION = "1"
 
 
 def _asr_collate(examples: Sequence[dict]) -> dict:
-    "A batch of {'features': (frames, n_mels), 'text': str} examples (a bucket: see `length_buckets`)."
+    "A batch of {'features': (frames, n_mels), 'text': str or 'labels': ids} examples (a bucket: see `length_buckets`)."
     feats, lengths = pad_features([e["features"] for e in examples])
-    labels, label_lengths = pad_labels([e["text"] for e in examples])
+    labels, label_lengths = pad_labels([e["labels"] if "labels" in e else e["text"] for e in examples])
     return dict(input_features=feats, feature_lengths=lengths, labels=labels, label_lengths=label_lengths)
 
 
 def train_asr(model: SupervisedTokenizer, # trained in place
-              examples: Sequence[dict], # {'features': (frames, n_mels), 'text': transcript}
+              examples: Sequence[dict], # {'features': (frames, n_mels), 'text': transcript} or {..., 'labels': CTC label ids > 0}
               steps: int, batch_size: int = 16, lr: float = 2e-3, seed: int = 0, progress: bool = True,
               desc: str = "ASR", ckpt_dir: str | None = None, ckpt_every: int | None = None):
     "CTC training (+ the quantizer loss when the model has one) with `core.train` on length-bucketed batches."
     if not len(examples): raise bad_arg("examples", "a non-empty list of {'features', 'text'}", "an empty list")
-    for k in ("features", "text"):
-        if k not in examples[0]: raise bad_arg("examples", f"dicts with a {k!r} key", sorted(examples[0]))
-    for e in examples: text_to_ids(e["text"])  # unsupported characters fail here, not in step 1234
+    if "features" not in examples[0] or not {"text", "labels"} & set(examples[0]):
+        raise bad_arg("examples", "dicts with 'features' and 'text' (or 'labels') keys", sorted(examples[0]))
+    for i, e in enumerate(examples):  # bad labels fail here, not in step 1234
+        if "labels" not in e: text_to_ids(e["text"])
+        elif not len(e["labels"]) or min(e["labels"]) < 1 or max(e["labels"]) >= model.config.vocab_size:
+            raise bad_arg(f"examples[{i}]['labels']", f"non-empty ids in [1, {model.config.vocab_size}) (0 is the CTC blank)", list(e["labels"])[:10])
     buckets = [[examples[i] for i in b] for b in length_buckets([len(e["features"]) for e in examples], batch_size, seed)]
 
     def loss_fn(m, batch):
