@@ -66,6 +66,11 @@ PATCH_FRAMES = 4  # log-mel frames per patch: 80 ms, 12.5 patches (tokens) per s
 N_MELS = 80
 
 
+def _positive_ints(**values):
+    for name, v in values.items():
+        if not isinstance(v, int) or v < 1: raise bad_arg(name, "a positive int", v)
+
+
 def log_mel_patches(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
     "Non-overlapping patches of the 80-band log-mel spectrogram: (patches, PATCH_FRAMES * 80); the tail is dropped."
     w = torch.as_tensor(np.asarray(wav, dtype=np.float32) if not isinstance(wav, torch.Tensor) else wav, dtype=torch.float32)
@@ -119,8 +124,7 @@ class RandomProjectionTokenizerConfig(PretrainedConfig):
     model_type = "speechllm_random_projection_tokenizer"
 
     def __init__(self, patch_dim: int = PATCH_FRAMES * N_MELS, code_dim: int = 16, codebook_size: int = 256, seed: int = 0, **kwargs):
-        for name, v in dict(patch_dim=patch_dim, code_dim=code_dim, codebook_size=codebook_size).items():
-            if not isinstance(v, int) or v < 1: raise bad_arg(name, "a positive int", v)
+        _positive_ints(patch_dim=patch_dim, code_dim=code_dim, codebook_size=codebook_size)
         self.patch_dim, self.code_dim, self.codebook_size, self.seed = patch_dim, code_dim, codebook_size, seed
         super().__init__(**kwargs)
 
@@ -159,8 +163,7 @@ class AudioEncoderConfig(PretrainedConfig):
     def __init__(self, patch_dim: int = PATCH_FRAMES * N_MELS, hidden_size: int = 128, num_layers: int = 4, num_heads: int = 4,
                  num_targets: int = 256, # tokens the masked prediction chooses from
                  mask_prob: float = 0.6, **kwargs):
-        for name, v in dict(patch_dim=patch_dim, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_targets=num_targets).items():
-            if not isinstance(v, int) or v < 1: raise bad_arg(name, "a positive int", v)
+        _positive_ints(patch_dim=patch_dim, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_targets=num_targets)
         if hidden_size % num_heads: raise bad_arg("num_heads", f"a divisor of hidden_size={hidden_size}", num_heads)
         if not 0 < mask_prob < 1: raise bad_arg("mask_prob", "a share in (0, 1)", mask_prob)
         self.patch_dim, self.hidden_size, self.num_layers, self.num_heads = patch_dim, hidden_size, num_layers, num_heads
@@ -226,9 +229,8 @@ class AudioTokenizerConfig(PretrainedConfig):
                  estimator_layers: int = 2, codebook_size: int = 256, code_dim: int = 16,
                  teacher_dim: int = 128, # width of the features the estimator rebuilds
                  **kwargs):
-        for name, v in dict(patch_dim=patch_dim, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                            estimator_layers=estimator_layers, codebook_size=codebook_size, code_dim=code_dim, teacher_dim=teacher_dim).items():
-            if not isinstance(v, int) or v < 1: raise bad_arg(name, "a positive int", v)
+        _positive_ints(patch_dim=patch_dim, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                            estimator_layers=estimator_layers, codebook_size=codebook_size, code_dim=code_dim, teacher_dim=teacher_dim)
         if hidden_size % num_heads: raise bad_arg("num_heads", f"a divisor of hidden_size={hidden_size}", num_heads)
         self.patch_dim, self.hidden_size, self.num_layers, self.num_heads = patch_dim, hidden_size, num_layers, num_heads
         self.estimator_layers, self.codebook_size, self.code_dim, self.teacher_dim = estimator_layers, codebook_size, code_dim, teacher_dim

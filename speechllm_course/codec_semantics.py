@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .codec import Codec, CodecConfig, COLLAPSE_VARIANTS, CodecOutput, MultiScaleMelLoss, train_codec
+from .codec import CODEC_SIZES, COLLAPSE_VARIANTS, Codec, CodecConfig, CodecOutput, MultiScaleMelLoss, train_codec
 from .core import HOP, SAMPLE_RATE, bad_arg, train
+from .ssl import HUBERT_SIZES, hidden_layers
 from .supervised_tokens import (SupervisedTokenizer, SupervisedTokenizerConfig, ctc_best_path, edit_distance,
                                                  length_buckets, pad_features, train_asr)
 

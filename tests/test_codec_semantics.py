@@ -175,3 +175,26 @@ def test_distillation_bad_input(fn, words):
 
 def test_course_codec_kinds_are_the_documented_three():
     assert COURSE_CODECS == ("rvq", "single codebook", "distilled")
+
+
+# ---- the recipe's wiring (module globals, not notebook globals) ---------------------------------------------------
+@pytest.mark.parametrize("kind", COURSE_CODECS)
+def test_course_codec_configs_build_from_the_module_alone(kind):
+    from speechllm_course.codec import CODEC_SIZES
+    from speechllm_course.codec_semantics import _codec_config
+    cfg = _codec_config(kind, "smoke", teacher_dim=8)
+    levels = 1 if kind == "single codebook" else CODEC_SIZES["smoke"].levels
+    assert cfg.quantizer_config.levels == levels and cfg.quantizer_config.dead_code_threshold > 0
+    assert isinstance(cfg, DistilledCodecConfig) == (kind == "distilled")
+
+
+def test_teacher_examples_pair_each_waveform_with_one_teacher_row_per_frame():
+    from transformers import HubertModel
+    from speechllm_course.codec_semantics import teacher_examples
+    from speechllm_course.ssl import hubert_config
+    torch.manual_seed(0)
+    teacher = HubertModel(hubert_config(32, 1, 2, 16, 10, 16)).eval()
+    wavs = [tone(200, 0.3), tone(400, 0.5)]
+    examples, mean, std = teacher_examples(wavs, teacher, layer=1, progress=False)
+    assert [e["teacher"].shape for e in examples] == [(len(w) // HOP, 32) for w in wavs]
+    assert mean.shape == std.shape == (32,) and (std > 0).all()
