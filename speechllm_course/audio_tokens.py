@@ -142,7 +142,7 @@ class RandomProjectionTokenizer(_PatchModel):
         self._init_normalisation(config.patch_dim)
         self.post_init()
 
-    def _init_weights(self, module): pass  # nothing is learned; the buffers come from the seed
+    def _init_weights(self, module): pass  # nothing is learned: projection and codes come from the seed
 
     @torch.no_grad()
     def ids(self, patches: torch.Tensor) -> torch.Tensor:
