@@ -367,6 +367,9 @@ def level_probes(codec: Codec, train_rows, test_rows, # SpeechWorld ASR rows wit
     from speechllm_course.probing import probe_accuracy
     from speechllm_course.world import decode_audio
     spk = {s: i for i, s in enumerate(speakers)}
+    for arg, rows in (("train_rows", train_rows), ("test_rows", test_rows)):
+        missing = sorted(set(rows["speaker"] if hasattr(rows, "column_names") else [r["speaker"] for r in rows]) - spk.keys())
+        if missing: raise bad_arg("speakers", f"a list naming every speaker of {arg}", f"no entry for {missing[:5]}")
 
     def collect(rows):
         feats, phones, who = [], [], []

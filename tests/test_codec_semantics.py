@@ -157,6 +157,14 @@ def test_level_vectors_add_up_to_the_quantized_latent():
     assert torch.allclose(v.sum(0), model.quantizer.decode(codes)[0], atol=1e-5)
 
 
+def test_level_probes_names_a_speaker_missing_from_the_list():
+    from speechllm_course.codec_semantics import level_probes
+    model = Codec(CodecConfig(channels=4, latent_dim=16, quantizer=dict(levels=2, codebook_size=16))).eval()
+    rows = [dict(speaker="spk01"), dict(speaker="spk02")]
+    with pytest.raises(ValueError) as e: level_probes(model, rows, rows, n_phones=4, speakers=["spk01"], progress=False)
+    assert "speakers" in str(e.value) and "spk02" in str(e.value) and "train_rows" in str(e.value)
+
+
 @pytest.mark.parametrize("fn, words", [
     (lambda: load_course_codec("wavtokenizer"), ["kind", "rvq"]),
     (lambda: DistilledCodecConfig(teacher_dim=0), ["teacher_dim"]),

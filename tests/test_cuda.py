@@ -1,4 +1,4 @@
-"CUDA checks for chapters 03-05 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
+"CUDA checks for chapters 03-07 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
 import numpy as np
 import pytest
 import torch
@@ -43,3 +43,59 @@ def test_cpc_step_under_bf16_autocast():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert model.frames(torch.randn(16000)).shape == (50, 32)  # frames() moves input to the model's device
+
+
+def _finite_grads(model) -> bool:
+    return all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_codec_and_rvq_step_under_bf16_autocast():
+    from speechllm_course.codec import Codec, CodecConfig, MultiScaleMelLoss
+    torch.manual_seed(0)
+    model = Codec(CodecConfig(channels=8, quantizer=dict(levels=4, codebook_size=64, kmeans_init=True, dead_code_threshold=0.1,
+                                                         code_dim=8, l2_normalize=True, quantizer_dropout=0.5))).cuda().train()
+    audio = 0.1 * torch.randn(4, HOP * 20, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(audio)
+        loss = MultiScaleMelLoss().cuda()(out.audio.float(), audio) + out.vq_loss
+    loss.backward()
+    assert torch.isfinite(loss) and _finite_grads(model)
+    assert out.codes.shape == (4, 4, 20) and int(out.codes.max()) < 64
+
+
+def test_distilled_codec_and_audio_encoder_steps_on_gpu():
+    from speechllm_course.audio_tokens import AudioEncoder, AudioEncoderConfig, random_patch_mask
+    from speechllm_course.codec_semantics import DistilledCodec, DistilledCodecConfig
+    torch.manual_seed(0)
+    codec = DistilledCodec(DistilledCodecConfig(teacher_dim=16, channels=8, quantizer=dict(levels=2, codebook_size=32))).cuda().train()
+    audio = 0.1 * torch.randn(2, HOP * 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = codec(audio)
+        loss = out.vq_loss + codec.distillation_loss(out.semantic.float(), torch.randn(2, 16, 16, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss) and _finite_grads(codec)
+    enc = AudioEncoder(AudioEncoderConfig(hidden_size=32, num_layers=1, num_targets=16)).cuda().train()
+    patches, mask = torch.randn(2, 10, enc.config.patch_dim, device="cuda"), torch.ones(2, 10, dtype=torch.bool, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        res = enc(patches, mask, random_patch_mask(mask.cpu(), 0.6, torch.Generator().manual_seed(0)).cuda(), torch.randint(0, 16, (2, 10), device="cuda"))
+    res["loss"].backward()
+    assert torch.isfinite(res["loss"]) and _finite_grads(enc)
+
+
+def test_unit_to_mel_flow_and_speaker_encoder_on_gpu():
+    from speechllm_course.resynth import SpeakerEncoder, SpeakerEncoderConfig, UnitToMel, UnitToMelConfig
+    torch.manual_seed(0)
+    dec = UnitToMel(UnitToMelConfig(num_units=20, speaker_dim=8, hidden_size=32, num_heads=2, num_layers=2)).cuda().train()
+    units, mels = torch.randint(0, 20, (3, 40), device="cuda"), torch.randn(3, 40, 80, device="cuda")
+    mask, spk = torch.ones(3, 40, dtype=torch.bool, device="cuda"), torch.randn(3, 8, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = dec(units, mels, mask, spk)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and _finite_grads(dec)
+    gen = dec.generate(units.cpu(), spk.cpu(), steps=4, generator=torch.Generator().manual_seed(0))
+    cpu = UnitToMel(dec.config); cpu.load_state_dict({k: v.cpu() for k, v in dec.state_dict().items()})
+    ref = cpu.generate(units.cpu(), spk.cpu(), steps=4, generator=torch.Generator().manual_seed(0))
+    assert gen.device.type == "cpu" and torch.allclose(gen, ref, atol=1e-3)  # same noise, same flow on either device
+    enc = SpeakerEncoder(SpeakerEncoderConfig(hidden_size=16, embedding_dim=8, num_speakers=3)).cuda()
+    e = enc.embed([np.random.default_rng(i).standard_normal(HOP * 30).astype(np.float32) * 0.1 for i in range(3)])
+    assert e.shape == (3, 8) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-4)
