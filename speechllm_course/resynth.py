@@ -474,7 +474,7 @@ class UnitToSpeech:
         "Speech at 16 kHz for a unit sequence in a voice."
         u = torch.as_tensor(np.asarray(units), dtype=torch.long)
         if u.ndim != 1 or len(u) == 0: raise bad_arg("units", "a non-empty 1-D sequence of unit ids", tuple(u.shape))
-        mel = self.decoder.generate(u, torch.as_tensor(voice, dtype=torch.float32), steps=steps or self.steps,
+        mel = self.decoder.generate(u, torch.as_tensor(voice, dtype=torch.float32), steps=self.steps if steps is None else steps,
                                     temperature=self.temperature if temperature is None else temperature,
                                     generator=torch.Generator().manual_seed(seed))
         return self.vocoder(mel, length)
