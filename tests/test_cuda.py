@@ -99,3 +99,37 @@ def test_unit_to_mel_flow_and_speaker_encoder_on_gpu():
     enc = SpeakerEncoder(SpeakerEncoderConfig(hidden_size=16, embedding_dim=8, num_speakers=3)).cuda()
     e = enc.embed([np.random.default_rng(i).standard_normal(HOP * 30).astype(np.float32) * 0.1 for i in range(3)])
     assert e.shape == (3, 8) and torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-4)
+
+
+def _tiny_speech_lm(adapter, dim=24):
+    from transformers import LlamaForCausalLM
+    from speechllm_course.adapters import SpeechLM
+    from speechllm_course.lm import render, text_documents, tiny_llama_config, train_text_tokenizer
+    tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=0)], vocab_size=200)
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=128))
+    return SpeechLM.from_llm(llm, tok, adapter, dim), tok
+
+
+@pytest.mark.parametrize("adapter", ["stack_mlp", "conv_transformer", "ctc_compress", "window_qformer", "alignformer"])
+def test_speech_lm_step_under_bf16_autocast_and_generation_on_gpu(adapter):
+    "Chapter 09: adapter + frozen LLM forward/backward under bf16 autocast; fp32 logits on GPU match the CPU's; generation runs on GPU."
+    from speechllm_course.adapters import ASR_INSTRUCTION, SpeechLMCollator, speech_reply
+    m, tok = _tiny_speech_lm(adapter)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(n, 24, generator=g) for n in (40, 27, 33)]
+    ex = [dict(features=f, instruction=ASR_INSTRUCTION, target="a red cat") for f in feats]
+    batch = SpeechLMCollator(tok, ctc=getattr(m.adapter, "uses_ctc", False))(ex)
+    with torch.no_grad(): cpu_logits = m.eval()(**batch).logits
+    m = m.cuda().freeze_llm()
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with torch.no_grad(): gpu_logits = m.eval()(**batch).logits.cpu()
+    assert (gpu_logits - cpu_logits).abs().max() < 1e-2
+    m.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = m(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None for p in m.llm.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.adapter.parameters())
+    replies = speech_reply(m.eval(), tok, feats, ASR_INSTRUCTION, max_new_tokens=5)
+    assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
