@@ -46,8 +46,12 @@ def test_dual_features_feed_a_speech_lm(dual):
     tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=0)], vocab_size=200)
     llm = LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=128))
     m = SpeechLM.from_llm(llm, tok, "window_qformer", dual.dim, adapter_kwargs=dict(window=8, queries=2))
-    f = dual.features([np.zeros(12000, np.float32) + 0.01])
-    assert len(speech_reply(m, tok, f, REPEAT_PROMPT, max_new_tokens=3)) == 1
+    f = dual.features([np.zeros(12000, np.float32) + 0.01, np.zeros(5000, np.float32) + 0.01])
+    padded = torch.nn.utils.rnn.pad_sequence(f, batch_first=True)
+    out = m.encode_audio(padded, torch.tensor([len(x) for x in f]))
+    assert out.lengths.tolist() == [2 * -(-37 // 8), 2 * -(-15 // 8)] and out.embeds.shape[-1] == 32  # 2 queries per 8-frame window
+    replies = speech_reply(m, tok, f, REPEAT_PROMPT, max_new_tokens=3)
+    assert replies == [speech_reply(m, tok, [x], REPEAT_PROMPT, max_new_tokens=3)[0] for x in f]  # fused frames batch like any others
 
 
 def test_events_named_reads_every_caption_the_world_writes():
