@@ -133,3 +133,21 @@ def test_speech_lm_step_under_bf16_autocast_and_generation_on_gpu(adapter):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.adapter.parameters())
     replies = speech_reply(m.eval(), tok, feats, ASR_INSTRUCTION, max_new_tokens=5)
     assert len(replies) == 3 and all(isinstance(r, str) for r in replies)
+
+
+@pytest.mark.parametrize("objective", ["asr", "implicit", "explicit"])
+def test_alignment_recipes_train_on_gpu(objective):
+    "Chapter 10: each alignment recipe trains a token-CTC SpeechLM on the GPU through core.train (bf16 autocast); the LLM stays frozen."
+    from speechllm_course.alignment import token_ctc_speech_lm, train_alignment
+    from speechllm_course.lm import render, text_documents, tiny_llama_config, train_text_tokenizer
+    from transformers import LlamaForCausalLM
+    tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=0)], vocab_size=200)
+    torch.manual_seed(0)
+    m = token_ctc_speech_lm(LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=128)), tok, 24)
+    g = torch.Generator().manual_seed(0)
+    ex = [dict(features=torch.randn(n, 24, generator=g), transcript=t, prompt="repeat after me: {}", reply=t)
+          for n, t in zip((60, 44, 52, 70), ["the red cat sleeps", "two dogs run", "my horse eats", "the old bird has my lemon"])]
+    frozen = {k: v.clone() for k, v in m.llm.state_dict().items()}
+    hist = train_alignment(m, tok, ex, objective, steps=4, batch_size=4, progress=False, log_every=1)
+    assert next(m.adapter.parameters()).is_cuda and all(np.isfinite(hist.losses))
+    assert all(torch.equal(v.cpu(), m.llm.state_dict()[k].cpu()) for k, v in frozen.items())

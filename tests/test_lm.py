@@ -6,7 +6,8 @@ from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFas
 
 from speechllm_course.lm import (
     AUDIO_TOKEN, END_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, chat, ensure_speech_tokens, load_llm, ngram_perplexity, pack_documents,
-    perplexity, render, reply, text_documents, tiny_llama_config, train_text_tokenizer)
+    perplexity, render, reply, sound_caption, text_documents, tiny_llama_config, train_text_tokenizer)
+from speechllm_course.dual_encoder import events_named
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,28 @@ def trained(docs, tokenizer):
 
 def test_documents_are_deterministic_mixed_and_held_out(docs):
     assert text_documents(600, seed=0) == docs
-    assert {d["kind"] for d in docs} == {"sentence", "translation", "question", "instruction"}
+    assert {d["kind"] for d in docs} == {"sentence", "translation", "question", "instruction", "caption"}
     held = text_documents(300, seed=5, heldout=True)
     first = lambda d: d.get("text") or d["messages"][0]["content"]
     open_set = lambda ds: {first(d) for d in ds if not first(d).startswith("what is the plural of")}  # a closed set, in every split
     assert not open_set(held) & open_set(docs)
     only_q = text_documents(50, seed=1, mix=dict(question=1.0))
     assert all(d["kind"] == "question" and d["messages"][1]["role"] == "assistant" for d in only_q)
+
+
+def test_caption_documents_name_exactly_their_events():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        caption, events = sound_caption(rng)
+        if events: assert events_named(caption) == set(events), caption  # chapter 09b scores captions by the kinds they name
+        else: assert "beats per minute" in caption and not events_named(caption)
+    docs = text_documents(200, seed=3, mix=dict(caption=1.0))
+    questions = [d for d in docs if "messages" in d]
+    assert 50 < len(questions) < 150
+    for d in questions:
+        named = d["messages"][0]["content"].removeprefix("which sounds are named in: ")
+        assert events_named(named) == set(d["messages"][1]["content"].split(" and "))
 
 
 def test_tokenizer_keeps_special_tokens_whole_and_round_trips(tokenizer, docs, tmp_path):
