@@ -32,13 +32,14 @@ def tiny_llm(vocab, seed=0, max_len=256):
     return LlamaForCausalLM(tiny_llama_config(vocab.tokenizer, hidden=32, layers=1, heads=2, kv_heads=1, max_len=max_len)).eval()
 
 
-def fake_utterance(text, seed=0):
-    "An utterance whose word i lasts 3 + i % 3 frames of units (2i, 2i+1 repeated), with word timings in seconds."
+def fake_utterance(text, seed=0, by_word=False):
+    "An utterance whose word i lasts 3 + i % 3 frames of units (2i, 2i+1 repeated; by_word: two units chosen by the word itself), with word timings."
     words, starts, ends, units, t = text.split(), [], [], [], 0
     for i, _ in enumerate(words):
         n = 3 + i % 3
         starts.append(t / 50); ends.append((t + n) / 50)
-        units += [(2 * i) % K] * 2 + [(2 * i + 1) % K] * (n - 2)
+        first = sum(map(ord, words[i])) % K if by_word else (2 * i) % K
+        units += [first] * 2 + [(first + 1 if by_word else 2 * i + 1) % K] * (n - 2)
         t += n
     units = np.array(units)
     return dict(words=words, bounds=word_frames(starts, ends, len(units)), units=units, text=text)
@@ -171,18 +172,19 @@ def test_continued_pretraining_and_transfer_measure(tokenizer):
     llm = LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=64))
     llm = speech_text_llm(llm, tok, K, max_len=128)
     v = SpeechTextVocab(tok, K)
-    utts = [fake_utterance(t) for t in TEXTS]
+    utts = [fake_utterance(t, by_word=True) for t in TEXTS]  # units that say which word was spoken
     blocks, _ = pack_mix(dict(inter=interleaved_documents(v, utts, 8, 0.5, seed=0)), block=32)
     hist = continue_pretraining(llm, blocks, steps=30, batch_size=4, lr=1e-2, progress=False, log_every=10)
     assert hist.losses[-1] < hist.losses[0]
     out = cross_modal_nll(llm, v, utts)
     assert all(np.isfinite(out[k]) for k in out if not k.startswith("transfer")) and {"transfer_s2t", "gain_t2s", "nll_text|speech"} <= set(out)
-    assert out["gain_s2t"] == pytest.approx(out["nll_text|none"] - out["nll_text|speech"])
+    assert out["gain_s2t"] == pytest.approx(out["nll_text|speech_other"] - out["nll_text|speech"])
+    assert out["same_gain_t2s"] == pytest.approx(out["nll_speech|speech_other"] - out["nll_speech|speech"])
     for key in ("s2t", "t2s"):  # the share is defined only where the same modality helps
         same = out[f"same_gain_{key}"]
         assert np.isnan(out[f"transfer_{key}"]) if same <= 0.02 else out[f"transfer_{key}"] == pytest.approx(out[f"gain_{key}"] / same)
-    # a model trained on interleaved data of these four sentences predicts their text tails better after their speech than after nothing
-    assert out["nll_text|speech"] < out["nll_text|none"]
+    # a model trained on interleaved data of these four sentences predicts their text tails better after their own speech than another's
+    assert out["nll_text|speech"] < out["nll_text|speech_other"]
 
 
 def test_units_to_frames_and_unit_error_rate():
