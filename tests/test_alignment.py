@@ -161,14 +161,20 @@ def test_teacher_replies_are_the_llms_own_and_deterministic(tokenizer):
     assert [r["reply"] for r in a] == reply(llm, tokenizer, [r["prompt"].format(t) for r, t in zip(a, TEXTS)], max_new_tokens=24)
 
 
-def test_similarity_map_shape_and_matched_beats_control_for_perfect_alignment(tokenizer):
-    model = token_ctc_speech_lm(tiny_llm(tokenizer), tokenizer, DIM)
-    sim = speech_text_similarity(model, tokenizer, examples(1)[0]["features"], TEXTS[0])
-    n_tok = len(tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"])
-    assert sim.shape[0] == n_tok and sim.abs().max() <= 1 + 1e-5
+def test_similarity_map_is_the_cosine_of_token_embeddings_and_adapter_outputs(tokenizer):
+    from speechllm_course.supervised_tokens import pad_features
+    model = token_ctc_speech_lm(tiny_llm(tokenizer), tokenizer, DIM).eval()
+    f = examples(1)[0]["features"]
+    sim = speech_text_similarity(model, tokenizer, f, TEXTS[0])
+    with torch.no_grad():
+        audio = model.encode_audio(*pad_features([f]))
+        speech = audio.embeds[0, : int(audio.lengths[0])]
+        text = model.llm.get_input_embeddings()(torch.tensor(tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]))
+    want = torch.stack([torch.stack([torch.nn.functional.cosine_similarity(t, v, dim=0) for v in speech]) for t in text])
+    torch.testing.assert_close(sim, want, atol=1e-5, rtol=1e-4)
     feats = [e["features"] for e in examples(3)]
-    score = best_match_cosine(model, tokenizer, feats, TEXTS[:3])
-    assert -1 <= score <= 1
+    per_clip = [speech_text_similarity(model, tokenizer, feats[(i + 1) % 3], t).max(1).values.mean().item() for i, t in enumerate(TEXTS[:3])]
+    assert best_match_cosine(model, tokenizer, feats, TEXTS[:3], shift=1) == pytest.approx(np.mean(per_clip))  # the control pairs clip i+1 with text i
 
 
 def test_speech_instruction_puts_audio_where_the_transcript_tokens_go(tokenizer):
