@@ -221,3 +221,11 @@ def test_bad_input_names_the_argument(tokenizer):
     with pytest.raises(ValueError, match="n_labels"):
         from speechllm_course.adapters import make_adapter
         make_adapter("ctc_compress", DIM, 16, n_labels=1)
+
+
+def test_load_aligned_lm_knows_its_models():
+    "Later chapters load chapter 10's models by name; an unknown name is refused before anything is built."
+    from speechllm_course.alignment import ALIGNED_MODELS, ALIGNMENT_OBJECTIVES, load_aligned_lm
+    with pytest.raises(ValueError, match="name"): load_aligned_lm("telepathic")
+    assert {name.split("_")[0] for name in ALIGNED_MODELS} == set(ALIGNMENT_OBJECTIVES)
+    assert [lora for _, lora in ALIGNED_MODELS.values()] == [False, True, False, False]  # only 'asr_lora' adds LoRA

@@ -151,3 +151,71 @@ def test_alignment_recipes_train_on_gpu(objective):
     hist = train_alignment(m, tok, ex, objective, steps=4, batch_size=4, progress=False, log_every=1)
     assert next(m.adapter.parameters()).is_cuda and all(np.isfinite(hist.losses))
     assert all(torch.equal(v.cpu(), m.llm.state_dict()[k].cpu()) for k, v in frozen.items())
+
+
+@pytest.mark.parametrize("scheme", ["chain_of_modality", "streaming_thoughts", "parallel_2streams", "text_driven"])
+def test_generation_schemes_train_and_answer_on_gpu(scheme):
+    "Chapter 11: each scheme's model trains through core.train on the GPU and answers a spoken question there (KV-cache decoding)."
+    from speechllm_course.generation import (GENERATION_SIZES, CTCUnitDecoder, ParallelSpeechLM, answer_prompt_ids, generate_sequence,
+                                             prompt_embeds, scheme_target, split_output, train_scheme)
+    from speechllm_course.interleaving import add_speech_tokens
+    from speechllm_course.lm import render, text_documents, tiny_llama_config, train_text_tokenizer
+    from transformers import LlamaForCausalLM
+    K, sizes = 12, GENERATION_SIZES["smoke"]
+    tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=0)], vocab_size=200)
+    vocab = add_speech_tokens(tok, K)
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=256))
+    add_speech_tokens(tok, K, llm)
+    prompt, g = answer_prompt_ids(tok), torch.Generator().manual_seed(0)
+    audio = [torch.randn(n, 32, generator=g) for n in (5, 9, 7, 6)]
+    answers = [("what is two plus two", "two plus two is four"), ("is one less than two", "yes, one is less than two")] * 2
+    units = [np.arange(i, i + 10) % K for i in range(4)]
+    if scheme == "text_driven":
+        model = CTCUnitDecoder(32, K, upsample=25)
+        ex = [dict(hidden=torch.randn(6, 32, generator=g), units=u) for u in units]
+        hist = train_scheme(model, scheme, ex, prompt, tok.pad_token_id, steps=4, batch_size=4, progress=False, log_every=1)
+        assert next(model.parameters()).is_cuda and len(model.decode(torch.randn(6, 32).cuda())) >= 0
+    elif scheme.startswith("parallel"):
+        model = ParallelSpeechLM(llm, K, n_streams=2)
+        ex = []
+        for a, (q, t), u in zip(audio, answers, units):
+            text, speech = model.streams(tok(t, add_special_tokens=False)["input_ids"], u, vocab.end_id, tok.pad_token_id, 2)
+            ex.append(dict(audio=a, text=text, speech=speech))
+        hist = train_scheme(model, scheme, ex, prompt, tok.pad_token_id, steps=4, batch_size=4, progress=False, log_every=1)
+        out = model.generate([prompt_embeds(model.llm, *prompt, a.cuda()) for a in audio[:2]], vocab.mask("text", len(tok)), vocab.end_id,
+                             tok.pad_token_id, 20, 16)
+        assert next(model.parameters()).is_cuda and len(out) == 2
+    else:
+        ex = [dict(audio=a, target=scheme_target(vocab, scheme, q, t, u)) for a, (q, t), u in zip(audio, answers, units)]
+        hist = train_scheme(llm, scheme, ex, prompt, tok.pad_token_id, steps=4, batch_size=4, progress=False, log_every=1)
+        out = generate_sequence(llm, vocab, scheme, [a.cuda() for a in audio[:2]], prompt, sizes)
+        assert next(llm.parameters()).is_cuda and all(len(split_output(vocab, scheme, o)["units"]) <= sizes.max_units for o in out)
+    assert all(np.isfinite(hist.losses))
+
+
+def test_rq_transformer_step_under_bf16_autocast_and_generation_on_gpu():
+    "Chapter 11's RQ-Transformer: a bf16-autocast training step and frame-by-frame generation on the GPU."
+    from speechllm_course.generation import RQTransformer, RQTransformerConfig
+    torch.manual_seed(0)
+    m = RQTransformer(RQTransformerConfig(n_units=20, levels=4, codebook_size=32, hidden_size=64, max_frames=128)).cuda()
+    units, codes = torch.randint(0, 20, (3, 50)).cuda(), torch.randint(0, 32, (3, 4, 50)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16): loss = m(units, codes).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    out = m.generate(units[0])
+    assert out.shape == (4, 50) and out.is_cuda
+
+
+def test_full_duplex_listens_on_gpu():
+    "Chapter 11's full-duplex miniature: the user's stream is fed step by step on the GPU and one system token comes back per step."
+    from speechllm_course.generation import ParallelSpeechLM, duplex_listen, prompt_embeds
+    from speechllm_course.lm import render, text_documents, tiny_llama_config, train_text_tokenizer
+    from transformers import LlamaForCausalLM
+    K = 12
+    tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=0)], vocab_size=200)
+    torch.manual_seed(0)
+    model = ParallelSpeechLM(LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=256)), K + 1, n_streams=2).cuda()
+    start = prompt_embeds(model.llm, [tok.bos_token_id], [], torch.zeros(0, 32, device="cuda"))
+    said = duplex_listen(model, start, np.r_[np.arange(20) % K, [K] * 10], K)
+    assert said.shape == (30,) and said.min() >= 0 and said.max() <= K
