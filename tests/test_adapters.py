@@ -8,15 +8,10 @@ from transformers import LlamaForCausalLM
 from speechllm_course.adapters import (
     ADAPTERS, ASR_INSTRUCTION, AdapterOutput, SpeechLM, SpeechLMCollator, WhisperSpeechEncoder, ctc_segments, load_speech_encoder,
     make_adapter, speech_prompt, speech_reply, train_speech_lm)
-from speechllm_course.lm import AUDIO_TOKEN, chat, render, text_documents, tiny_llama_config, train_text_tokenizer
+from speechllm_course.lm import AUDIO_TOKEN, chat, tiny_llama_config
 from speechllm_course.supervised_tokens import BLANK, CHARS, error_rate
 
 DIM = 24
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_text_tokenizer([render(d) for d in text_documents(400, seed=0)], vocab_size=200)
 
 
 def tiny_llm(tokenizer, seed=0):

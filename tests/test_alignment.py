@@ -9,15 +9,10 @@ from speechllm_course.adapters import SpeechLM, pool_segments, speech_reply
 from speechllm_course.alignment import (
     AlignmentCollator, AlignmentObjective, best_match_cosine, ctc_forced_align, normalize_reply, speech_instruction, speech_text_similarity, teacher_replies,
     token_ctc_labels, token_ctc_speech_lm, train_alignment, zero_shot_scores)
-from speechllm_course.lm import AUDIO_TOKEN, render, text_documents, tiny_llama_config, train_text_tokenizer
+from speechllm_course.lm import AUDIO_TOKEN, tiny_llama_config
 
 DIM = 24
 TEXTS = ["the red cat sleeps", "my horse eats the apple", "two dogs run", "the old bird has my lemon"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_text_tokenizer([render(d) for d in text_documents(400, seed=0)], vocab_size=200)
 
 
 def tiny_llm(tokenizer, seed=0):

@@ -14,7 +14,7 @@ from speechllm_course.generation import (
     load_parallel, parallel_loss, prompt_embeds, rq_collate, save_parallel, scheme_target, split_output, text_driven_answer,
     train_rq_transformer, train_scheme, turn_taking)
 from speechllm_course.interleaving import add_speech_tokens
-from speechllm_course.lm import AUDIO_TOKEN, END_TOKEN, ROLE_TOKENS, chat, render, text_documents, tiny_llama_config, train_text_tokenizer
+from speechllm_course.lm import AUDIO_TOKEN, END_TOKEN, ROLE_TOKENS, chat, tiny_llama_config
 
 K, H = 12, 32  # units; hidden size of every tiny model (the "adapter output" is random (n, H) vectors)
 # (spoken question, text answer, deduplicated units of the spoken answer)
@@ -23,19 +23,7 @@ QA = [("what does the red cat eat", "the red apple", [1, 5, 2, 7, 3, 9, 4, 0, 2,
 SIZES = dataclasses.replace(GENERATION_SIZES["smoke"], text_chunk=2, speech_chunk=3, max_text=16, max_units=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny models: one thread is as fast, and immune to OpenMP spin-waits when other work shares the cores."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return train_text_tokenizer([render(d) for d in text_documents(400, seed=0)], vocab_size=200)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def vocab(tokenizer):

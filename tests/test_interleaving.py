@@ -18,11 +18,6 @@ TEXTS = ["the red cat sleeps", "my horse eats the apple", "two dogs run", "the o
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_text_tokenizer([render(d) for d in text_documents(400, seed=0)], vocab_size=200)
-
-
-@pytest.fixture(scope="module")
 def vocab(tokenizer):
     return add_speech_tokens(tokenizer, K)
 

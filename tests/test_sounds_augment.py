@@ -1,6 +1,5 @@
 "SpeechWorld's sound scenes, music and augmentations, measured rather than trusted."
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,16 +7,9 @@ import torch
 
 from speechllm_course import world as sa
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 SR = 16000
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Short clips: one thread is as fast, and immune to OpenMP spin-waits when other work shares the cores."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
