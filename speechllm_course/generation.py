@@ -19,6 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .core import bad_arg, train
 from .interleaving import SpeechTextVocab
+from .supervised_tokens import pad_features
 from .lm import AUDIO_TOKEN, chat
 from .units import dedup
 
@@ -120,7 +121,6 @@ def load_spoken_qa(split: str = "train", scale: str | None = None, progress: boo
 @torch.no_grad()
 def question_audio(aligned, features: Sequence[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
     "The frozen adapter's output (positions, hidden) for each spoken question: every scheme reads the question through it."
-    from speechllm_course.supervised_tokens import pad_features
     aligned.eval()
     out = []
     for i in range(0, len(features), batch_size):
@@ -615,13 +615,6 @@ def train_rq_transformer(model: RQTransformer, # trained in place
                  collate_fn=lambda batch: rq_collate([crop(e) for e in batch]), loss_fn=loss_fn, **train_kwargs)
 
 # %% ../nbs/11_generation.ipynb #1676116a
-def _pad_audio(audio: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = torch.tensor([len(a) for a in audio])
-    out = audio[0].new_zeros(len(audio), int(lengths.max()), audio[0].shape[1])
-    for b, a in enumerate(audio): out[b, : len(a)] = a
-    return out, lengths
-
-
 def _right_pad(pieces: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     L, H = max(len(p) for p in pieces), pieces[0].shape[1]
     embeds = pieces[0].new_zeros(len(pieces), L, H)
@@ -637,7 +630,7 @@ class SequenceCollator:
         self.after, self.pad_id = list(after), pad_id
 
     def __call__(self, examples: Sequence[dict]) -> dict:
-        audio, audio_lengths = _pad_audio([ex["audio"] for ex in examples])
+        audio, audio_lengths = pad_features([ex["audio"] for ex in examples])
         seqs = [self.after + list(ex["target"]) for ex in examples]
         L = max(map(len, seqs))
         tokens = torch.tensor([s + [self.pad_id] * (L - len(s)) for s in seqs])
@@ -661,7 +654,7 @@ def sequence_loss(llm, batch: dict, before: Sequence[int]) -> torch.Tensor:
 class ParallelCollator:
     "Examples {'audio', 'text', 'speech' (streams, T)} -> a batch for `parallel_loss`."
     def __call__(self, examples: Sequence[dict]) -> dict:
-        audio, audio_lengths = _pad_audio([ex["audio"] for ex in examples])
+        audio, audio_lengths = pad_features([ex["audio"] for ex in examples])
         T, S = max(len(ex["text"]) for ex in examples), len(examples[0]["speech"])
         text = torch.full((len(examples), T), -100, dtype=torch.long)
         speech = torch.full((len(examples), S, T), -100, dtype=torch.long)
@@ -698,7 +691,7 @@ def answer_hidden_states(llm, audio: Sequence[torch.Tensor], answers: Sequence[S
 
 
 def _hidden_collate(examples: Sequence[dict]) -> dict:
-    hidden, lengths = _pad_audio([ex["hidden"] for ex in examples])
+    hidden, lengths = pad_features([ex["hidden"] for ex in examples])
     return dict(hidden=hidden, mask=torch.arange(hidden.shape[1])[None] < lengths[:, None], units=[ex["units"] for ex in examples])
 
 
