@@ -16,7 +16,8 @@ from .core import bad_arg
 from .lm import AUDIO_TOKEN
 
 # %% auto #0
-__all__ = ['CAPTION_PROMPT', 'EVENTS_PROMPT', 'DualSpeechEncoder', 'events_named', 'event_scores']
+__all__ = ['CAPTION_PROMPT', 'EVENTS_PROMPT', 'SOUND_MIX_MODELS', 'DualSpeechEncoder', 'events_named', 'event_scores',
+           'load_dual_encoder', 'load_sound_mix_lm']
 
 # %% ../nbs/09b_dual_encoder.ipynb #5fd5664b
 class DualSpeechEncoder(SpeechEncoder):
@@ -62,3 +63,32 @@ def event_scores(predictions: Sequence[str], labels: Sequence[Sequence[str]]) ->
         tp, fp, fn, exact = tp + len(got & want), fp + len(got - want), fn + len(want - got), exact + (got == want)
     prec, rec = tp / max(1, tp + fp), tp / max(1, tp + fn)
     return dict(precision=prec, recall=rec, f1=2 * prec * rec / max(1e-9, prec + rec), exact=exact / len(labels))
+
+# %% ../nbs/09b_dual_encoder.ipynb #b2c3d4e5
+SOUND_MIX_MODELS = {"dual": "speech_lm_salmonn_dual", "speech_only": "speech_lm_salmonn_speech_only"}  # which -> cached artifact
+
+
+def load_dual_encoder(scale: str | None = None, progress: bool = True) -> DualSpeechEncoder:
+    "This chapter's dual encoder: chapter 05b's ASR encoder beside chapter 06c's BEATs-style audio encoder."
+    from speechllm_course.adapters import load_speech_encoder
+    from speechllm_course.audio_tokens import load_audio_tokens
+    return DualSpeechEncoder(load_speech_encoder("asr", scale=scale, progress=progress), load_audio_tokens(scale, progress=progress)[1])
+
+
+def load_sound_mix_lm(which: str = "dual", # 'dual' (ASR + BEATs-style encoders) or 'speech_only'
+                      scale: str | None = None):
+    "(model, tokenizer): the sound-mix model this chapter trained (ASR + captions + event questions, LoRA merged); run this notebook first."
+    from transformers import AutoTokenizer
+    from speechllm_course.adapters import ADAPTERS_VERSION, SpeechLM
+    from speechllm_course.core import artifact_problem, data_root, get_scale
+    if which not in SOUND_MIX_MODELS: raise bad_arg("which", f"one of {sorted(SOUND_MIX_MODELS)}", which)
+    scale = scale or get_scale()
+    path = data_root() / scale / SOUND_MIX_MODELS[which]
+    problem = artifact_problem(path, ADAPTERS_VERSION)
+    if problem: raise bad_arg("scale", f"a scale at which nbs/09b_dual_encoder.ipynb has built {SOUND_MIX_MODELS[which]}", f"{scale!r} ({problem})")
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads the folder's config.json, which is a SpeechLM's, and would warn about it
+    try: tokenizer = AutoTokenizer.from_pretrained(path)
+    finally: hf_logging.set_verbosity(verbosity)
+    return SpeechLM.from_pretrained(path).eval(), tokenizer
