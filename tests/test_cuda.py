@@ -1,4 +1,4 @@
-"CUDA checks for chapters 03-07 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
+"CUDA checks for chapters 03-13 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
 import numpy as np
 import pytest
 import torch
@@ -219,3 +219,20 @@ def test_full_duplex_listens_on_gpu():
     start = prompt_embeds(model.llm, [tok.bos_token_id], [], torch.zeros(0, 32, device="cuda"))
     said = duplex_listen(model, start, np.r_[np.arange(20) % K, [K] * 10], K)
     assert said.shape == (30,) and said.min() >= 0 and said.max() <= K
+
+
+def test_dpo_and_grpo_steps_on_gpu():
+    "Chapter 13: a DPO and a GRPO step (sampling on the GPU) on a LoRA policy whose reference is the same model with LoRA off."
+    from speechllm_course.lm import AUDIO_TOKEN
+    from speechllm_course.preference import GRPOObjective, preference_policy, train_dpo, train_grpo
+    m, tok = _tiny_speech_lm("stack_mlp")
+    policy = preference_policy(m.cuda(), r=4)
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(n, 24, generator=g) for n in (40, 27, 33, 30)]
+    pairs = [dict(prompt=AUDIO_TOKEN, chosen=c, rejected=r, features=f) for (c, r), f in zip([("five", "six"), ("yes", "no")] * 2, feats)]
+    hist = train_dpo(policy, tok, pairs, steps=3, batch_size=2, lr=1e-2, beta=0.5, progress=False, warmup=0)
+    assert np.isfinite(hist.losses).all() and next(p for p in policy.parameters() if p.requires_grad).device.type == "cuda"
+    questions = [dict(prompt=AUDIO_TOKEN, answer=a, features=f) for a, f in zip(["five", "yes", "two", "nine"], feats)]
+    objective = GRPOObjective(tok, reward_fn=lambda reply, answer: float(len(reply) % 2), group_size=4, max_new_tokens=6)
+    hist = train_grpo(policy, tok, questions, steps=2, batch_size=2, lr=1e-2, objective=objective, progress=False, warmup=0)
+    assert np.isfinite(hist.losses).all() and "reward" in hist.extras
