@@ -11,13 +11,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .adapters import SpeechEncoder, _check_wavs
+from .adapters import REPEAT_PROMPT, SpeechEncoder, _check_wavs
 from .core import bad_arg
 from .lm import AUDIO_TOKEN
 
 # %% auto #0
 __all__ = ['CAPTION_PROMPT', 'EVENTS_PROMPT', 'SOUND_MIX_MODELS', 'DualSpeechEncoder', 'events_named', 'event_scores',
-           'load_dual_encoder', 'load_sound_mix_lm']
+           'load_dual_encoder', 'sound_mix_adapter', 'sound_mix_examples', 'load_sound_mix_lm']
 
 # %% ../nbs/09b_dual_encoder.ipynb #5fd5664b
 class DualSpeechEncoder(SpeechEncoder):
@@ -75,17 +75,58 @@ def load_dual_encoder(scale: str | None = None, progress: bool = True) -> DualSp
     return DualSpeechEncoder(load_speech_encoder("asr", scale=scale, progress=progress), load_audio_tokens(scale, progress=progress)[1])
 
 
+def sound_mix_adapter(scale: str) -> tuple[str, dict]:
+    "(adapter, options) over the fused frames: SALMONN's window Q-Former at `full`; at smaller budgets stack + MLP, one of chapter 09's fastest learners."
+    return ("window_qformer", dict(window=8, queries=2)) if scale == "full" else ("stack_mlp", dict(stack=4))
+
+
+def sound_mix_examples(asr_features: Sequence, asr_texts: Sequence[str], # ASR clips' frames and transcripts
+                       event_features: Sequence, event_captions: Sequence[str], event_labels: Sequence[Sequence[str]], # sound scenes
+                       repeats: int = 1, # how many times each sound scene appears (so the two sound tasks are not drowned out)
+                      ) -> list[dict]:
+    "ASR + captioning + event-question training examples (`adapters.SpeechLMCollator` format)."
+    if len(asr_features) != len(asr_texts): raise bad_arg("asr_texts", f"{len(asr_features)} transcripts (one per clip)", len(asr_texts))
+    if not len(event_features) == len(event_captions) == len(event_labels):
+        raise bad_arg("event_labels", f"{len(event_features)} captions and label lists (one per scene)", f"{len(event_captions)} and {len(event_labels)}")
+    ex = [dict(features=f, instruction=REPEAT_PROMPT, target=t) for f, t in zip(asr_features, asr_texts)]
+    for _ in range(repeats):
+        for f, cap, labels in zip(event_features, event_captions, event_labels):
+            ex.append(dict(features=f, instruction=CAPTION_PROMPT, target=cap))
+            ex.append(dict(features=f, instruction=EVENTS_PROMPT, target=" and ".join(sorted(set(labels)))))
+    return ex
+
+
+def _train_sound_mix_lm(which: str, scale: str, progress: bool):
+    "Train the sound-mix model as this chapter does (ASR clips of chapter 09's budget + every training scene)."
+    from speechllm_course.adapters import ADAPTER_SIZES, SpeechLM, cached_speech_lm
+    from speechllm_course.core import for_scale
+    from speechllm_course.lm import load_llm
+    from speechllm_course.world import decode_audio, load_world
+    sizes, world = for_scale(ADAPTER_SIZES, scale), load_world(scale)
+    asr_train, events_train = world["asr"]["train"], world["sound_events"]["train"]
+    if sizes.train_items is not None: asr_train = asr_train.select(range(min(sizes.train_items, len(asr_train))))
+    dual = load_dual_encoder(scale, progress)
+    asr_f = dual.features([decode_audio(a) for a in asr_train["audio"]], progress=progress)
+    ev_f = dual.features([decode_audio(a) for a in events_train["audio"]])
+    if which == "speech_only": asr_f, ev_f = ([f[:, : dual.speech.dim] for f in x] for x in (asr_f, ev_f))
+    _, tok = load_llm(scale=scale)
+    adapter, options = sound_mix_adapter(scale)
+    make = lambda: SpeechLM.from_llm(load_llm(scale=scale)[0], tok, adapter, asr_f[0].shape[1], adapter_kwargs=options).freeze_llm().add_lora()
+    examples = sound_mix_examples(asr_f, asr_train["text"], ev_f, events_train["caption"], events_train["labels"], sizes.event_repeats)
+    cached_speech_lm(SOUND_MIX_MODELS[which], make, tok, examples, sizes.steps, sizes.batch_size, sizes.lr, min_lr_ratio=sizes.min_lr_ratio,
+                     scale=scale, progress=progress)
+
+
 def load_sound_mix_lm(which: str = "dual", # 'dual' (ASR + BEATs-style encoders) or 'speech_only'
-                      scale: str | None = None):
-    "(model, tokenizer): the sound-mix model this chapter trained (ASR + captions + event questions, LoRA merged); run this notebook first."
+                      scale: str | None = None, progress: bool = True):
+    "(model, tokenizer): this chapter's sound-mix model (ASR + captions + event questions, LoRA merged), trained on first use."
     from transformers import AutoTokenizer
     from speechllm_course.adapters import ADAPTERS_VERSION, SpeechLM
     from speechllm_course.core import artifact_problem, data_root, get_scale
     if which not in SOUND_MIX_MODELS: raise bad_arg("which", f"one of {sorted(SOUND_MIX_MODELS)}", which)
     scale = scale or get_scale()
     path = data_root() / scale / SOUND_MIX_MODELS[which]
-    problem = artifact_problem(path, ADAPTERS_VERSION)
-    if problem: raise bad_arg("scale", f"a scale at which nbs/09b_dual_encoder.ipynb has built {SOUND_MIX_MODELS[which]}", f"{scale!r} ({problem})")
+    if artifact_problem(path, ADAPTERS_VERSION): _train_sound_mix_lm(which, scale, progress)  # a lock makes a concurrent build wait
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # AutoTokenizer reads the folder's config.json, which is a SpeechLM's, and would warn about it

@@ -77,3 +77,16 @@ def test_event_scores():
 def test_dual_encoder_rejects_bad_audio(dual):
     with pytest.raises(ValueError, match=r"wavs\[0\]"): dual.features([np.zeros(10, np.float32)])
     with pytest.raises(ValueError, match="wavs"): dual.features([])
+
+
+def test_sound_mix_examples_and_loader_bad_input():
+    from speechllm_course.adapters import REPEAT_PROMPT
+    from speechllm_course.dual_encoder import CAPTION_PROMPT, EVENTS_PROMPT, load_sound_mix_lm, sound_mix_adapter, sound_mix_examples
+    f = [torch.zeros(5, 3), torch.zeros(7, 3)]
+    ex = sound_mix_examples(f, ["a cat", "two dogs"], f[:1], ["a bell rings, then beeps"], [["beeps", "bell", "bell"]], repeats=2)
+    assert [e["instruction"] for e in ex] == [REPEAT_PROMPT] * 2 + [CAPTION_PROMPT, EVENTS_PROMPT] * 2
+    assert ex[3]["target"] == "beeps and bell" and ex[0]["target"] == "a cat"
+    assert sound_mix_adapter("full")[0] == "window_qformer" and sound_mix_adapter("course")[0] == "stack_mlp"
+    with pytest.raises(ValueError, match="asr_texts"): sound_mix_examples(f, ["a cat"], f, ["x", "y"], [[], []])
+    with pytest.raises(ValueError, match="event_labels"): sound_mix_examples(f, ["a", "b"], f, ["x", "y"], [[]])
+    with pytest.raises(ValueError, match="which"): load_sound_mix_lm("stereo")
