@@ -9,12 +9,13 @@ SCALE ?= course
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course test install nbtest pytest export clean-nbs docs readme bench help
+.PHONY: course test install nbtest pytest export clean-nbs docs docs-check readme bench help
 
 help:
 	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass)"
 	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
 	@echo "make docs     - build the docs site (Quarto if installed, else static HTML in _docs/)"
+	@echo "make docs-check - build the docs, open every page in headless Chromium, fail on a blank page, a missing figure or chapter"
 	@echo "make readme   - regenerate README.md from nbs/index.ipynb"
 	@echo "make export   - nbdev_export + nbdev_clean (run before every commit)"
 
@@ -49,6 +50,10 @@ export: $(STAMP)
 
 docs: $(STAMP)
 	$(BIN)/python tools/build_docs.py
+
+# needs a Chromium on PATH (Debian: apt-get install chromium); screenshots land in _docs/_check/
+docs-check: docs
+	$(BIN)/python tools/docs_check.py
 
 readme: $(STAMP)
 	$(BIN)/python tools/build_docs.py --readme-only

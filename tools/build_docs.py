@@ -30,13 +30,48 @@ def chapters() -> list[str]:
     return [c for c in side["website"]["sidebar"]["contents"] if isinstance(c, str) and c.endswith(".ipynb")]
 
 
+def _front_matter(nb) -> dict:
+    "The YAML front matter nbdev's processing puts in a raw cell ('---' ... '---'), or {}."
+    for c in nb.cells:
+        if c.cell_type == "raw" and c.source.lstrip().startswith("---"):
+            body = c.source.strip().strip("-")
+            try: return yaml.safe_load(body) or {}
+            except yaml.YAMLError: return {}
+    return {}
+
+
 def _title(nb) -> str:
+    "The page title: the front matter's (processed notebooks), else the first '# ' heading."
+    fm = _front_matter(nb)
+    if fm.get("title"): return str(fm["title"])
     for c in nb.cells:
         if c.cell_type == "markdown":
             m = re.search(r"^#\s+(.+)$", c.source, re.M)
             if m:
                 return m.group(1).strip()
     return "untitled"
+
+
+def _for_static_html(nb):
+    """What Quarto would do with a processed notebook and nbconvert does not: the front matter becomes the page's title and
+    summary, `#| echo: false` cells show only their output, and Quarto's link attributes ({target=...}) go."""
+    fm = _front_matter(nb)
+    cells = []
+    for c in nb.cells:
+        if c.cell_type == "raw" and c.source.lstrip().startswith("---"):
+            if fm.get("title"):
+                head = f"# {fm['title']}" + (f"\n\n> {' '.join(str(fm['description']).split())}" if fm.get("description") else "")
+                cells.append(nbformat.v4.new_markdown_cell(head))
+            continue
+        if c.cell_type == "code" and re.search(r"^#\|\s*echo:\s*false", c.source, re.M):
+            c.metadata.setdefault("tags", []).append("hide-input")
+        if c.cell_type == "code":
+            for o in c.get("outputs", []):
+                md = o.get("data", {}).get("text/markdown")
+                if md: o["data"]["text/markdown"] = re.sub(r"\{target=\"_blank\"[^}]*\}", "", "".join(md))
+        cells.append(c)
+    nb.cells = cells
+    return nb
 
 
 def _strip_hidden(nb):
@@ -83,9 +118,11 @@ def static_site() -> Path:
         titles[n] = _title(nbformat.read(p, as_version=4))
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
+    from nbconvert.preprocessors import TagRemovePreprocessor
     exporter = HTMLExporter(template_name="lab")
+    exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"hide-input"}), enabled=True)
     for n in names:
-        nb = _strip_hidden(nbformat.read(proc / n, as_version=4))
+        nb = _for_static_html(_strip_hidden(nbformat.read(proc / n, as_version=4)))
         body, _ = exporter.from_notebook_node(nb)
         page = n.replace(".ipynb", ".html")
         nav = "".join(f'<li class="{"active" if m == n else ""}"><a href="{m.replace(".ipynb", ".html")}">{html.escape(titles[m])}</a></li>'
