@@ -26,7 +26,7 @@ __all__ = ['PREFERENCE_SIZES', 'PREFERENCE_VERSION', 'LORA_TARGETS', 'ADVANTAGE_
            'token_logprobs', 'sequence_logprobs', 'batch_logprobs', 'completion_batch', 'reply_batch',
            'sample_completions', 'decode_completions', 'sample_replies', 'sft_forward', 'dpo_loss', 'answer_reward',
            'dpo_pairs', 'reference_of', 'dpo_batch', 'dpo_forward', 'group_advantages', 'grpo_loss', 'GRPOObjective',
-           'grpo_collate', 'preference_policy', 'train_sft', 'train_dpo', 'train_grpo']
+           'grpo_collate', 'preference_policy', 'train_sft_baseline', 'train_dpo', 'train_grpo']
 
 # %% ../nbs/13_preference.ipynb #241c8b3f
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _unwrap(model): return getattr(model, "module", model)  # DistributedDataPar
 def _is_speech_lm(model) -> bool: return hasattr(_unwrap(model), "splice")  # chapter 09's SpeechLM
 
 
-def _check_features(features, n: int, name: str = "speech_features"):
+def _check_features(features, name: str = "speech_features"):
     if features is None: return
     if not isinstance(features, torch.Tensor) or features.dim() != 3 or not features.is_floating_point():
         raise bad_arg(name, "a (clips, frames, dim) float tensor (`supervised_tokens.pad_features`)", getattr(features, "shape", type(features).__name__))
@@ -106,7 +106,7 @@ def token_logprobs(model, # a Hugging Face causal LM (returns .logits), or chapt
     _check_token_inputs(input_ids, attention_mask, labels)
     if not _is_real(temperature) or temperature <= 0: raise bad_arg("temperature", "a number > 0", temperature)
     if _is_speech_lm(model):
-        _check_features(speech_features, len(input_ids))
+        _check_features(speech_features)
         out = model(input_ids=input_ids, attention_mask=attention_mask, speech_features=speech_features, speech_lengths=speech_lengths)
         logits = out.logits  # (B, T', V): each placeholder became its clip's positions
         T = input_ids.shape[1]
@@ -564,9 +564,9 @@ def _train_kwargs(steps: int, kw: dict) -> dict:
     return kw
 
 
-def train_sft(model, tokenizer, examples: Sequence[dict], # {'prompt', 'reply'[, 'features']}
+def train_sft_baseline(model, tokenizer, examples: Sequence[dict], # {'prompt', 'reply'[, 'features']}
               steps: int, batch_size: int = 8, lr: float = 5e-4, **train_kwargs):
-    "SFT with `core.train` on the same batches, LoRA and loop as DPO/GRPO: the baseline they are compared with."
+    "SFT with `core.train` on the same batches, LoRA and loop as DPO/GRPO: the baseline they are compared with (chapter 12's `sft.train_sft` is the multi-task recipe)."
     if not len(examples): raise bad_arg("examples", "at least one (prompt, reply) example", "none")
     for i, ex in enumerate(examples[:2]):
         if not {"prompt", "reply"} <= set(ex): raise bad_arg(f"examples[{i}]", "a dict with 'prompt' and 'reply'", sorted(ex))

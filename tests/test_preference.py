@@ -17,7 +17,7 @@ from speechllm_course.lm import AUDIO_TOKEN
 from speechllm_course.preference import (
     GRPO_LOSS_TYPES, GRPOObjective, answer_reward, batch_logprobs, completion_batch, dpo_batch, dpo_forward, dpo_loss, dpo_pairs,
     group_advantages, grpo_loss, preference_policy, reference_of, reply_batch, sample_completions, sample_replies, sequence_logprobs,
-    token_logprobs, train_dpo, train_grpo, train_sft)
+    token_logprobs, train_dpo, train_grpo, train_sft_baseline)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -565,7 +565,7 @@ def test_grpo_resumes_after_a_crash_exactly(tokenizer, tmp_path):
 def test_sft_then_save_and_load_keeps_the_policy(tokenizer, tmp_path):
     policy = preference_policy(tiny_speech_lm(tokenizer), r=4)
     data = [dict(prompt=AUDIO_TOKEN, reply=q["answer"], features=q["features"]) for q in spoken_questions()]
-    hist = train_sft(policy, tokenizer, data, steps=8, batch_size=4, lr=1e-2, progress=False, warmup=0)
+    hist = train_sft_baseline(policy, tokenizer, data, steps=8, batch_size=4, lr=1e-2, progress=False, warmup=0)
     assert hist.losses[-1] < hist.losses[0]
     batch = reply_batch(tokenizer, [AUDIO_TOKEN] * 4, [q["answer"] for q in spoken_questions()], [q["features"] for q in spoken_questions()])
     with torch.no_grad(): trained = batch_logprobs(policy, batch)
@@ -581,5 +581,5 @@ def test_preference_bad_input_names_the_argument(tokenizer):
     with pytest.raises(ValueError, match="pairs"): dpo_batch(tokenizer, [dict(prompt=AUDIO_TOKEN, chosen="a", rejected="b", features=clips(1)[0]),
                                                                          dict(prompt="hi", chosen="a", rejected="b")])
     with pytest.raises(ValueError, match="examples"): train_grpo(tiny_speech_lm(tokenizer), tokenizer, [], steps=1)
-    with pytest.raises(ValueError, match="examples"): train_sft(tiny_speech_lm(tokenizer), tokenizer, [dict(prompt="hi")], steps=1)
+    with pytest.raises(ValueError, match="examples"): train_sft_baseline(tiny_speech_lm(tokenizer), tokenizer, [dict(prompt="hi")], steps=1)
     with pytest.raises(ValueError, match="beta"): train_dpo(tiny_speech_lm(tokenizer), tokenizer, [dict(prompt="hi", chosen="a", rejected="b")], steps=1, beta=0)
