@@ -529,7 +529,8 @@ def test_grpo_objective_rewards_and_logs(tokenizer):
     out = objective(policy, batch)
     assert {"loss", "reward", "mixed_groups", "clip_fraction", "kl", "reply_tokens"} <= set(out) and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_" in n) or float(out["mixed_groups"]) == 0
+    assert float(out["mixed_groups"]) > 0  # some group has both rewards, so the loss has a gradient ...
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_B" in n)  # ... reaching the LoRA
     with pytest.raises(ValueError, match="group_size"): GRPOObjective(tokenizer, group_size=1)
     with pytest.raises(ValueError, match="loss_type"): GRPOObjective(tokenizer, loss_type="ppo")
     with pytest.raises(ValueError, match="answers"): GRPOObjective(tokenizer, group_size=2).rewards([["a", "b"]], ["a", "b"])  # 2 answers, 1 group
