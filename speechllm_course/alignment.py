@@ -261,7 +261,9 @@ def cached_aligned_lm(name: str, make_model, tokenizer, examples: Sequence[dict]
 
 
 def cached_token_ctc(make_model, tokenizer, examples: Sequence[dict], steps: int, batch_size: int, lr: float, scale: str | None = None,
-                     seed: int = 0, progress: bool = True) -> dict:
+                     seed: int = 0, progress: bool = True,
+                     name: str = "alignment_token_ctc", # artifact name: another LLM or other training clips need another name
+                    ) -> dict:
     "The pre-trained token-CTC module's state (trained once per scale, then loaded): every alignment model starts from it."
     import time
     from safetensors.torch import load_file, save_file
@@ -273,7 +275,7 @@ def cached_token_ctc(make_model, tokenizer, examples: Sequence[dict], steps: int
         save_file(state, f"{out_dir}/ctc.safetensors")
         return dict(train_seconds=round(time.perf_counter() - t0, 1), steps=steps, examples=len(examples))
 
-    path = get_or_build("alignment_token_ctc", build, version=ALIGNMENT_VERSION, scale=scale or get_scale())
+    path = get_or_build(name, build, version=ALIGNMENT_VERSION, scale=scale or get_scale())
     return load_file(str(path / "ctc.safetensors"))
 
 # %% ../nbs/10_alignment.ipynb #16272252

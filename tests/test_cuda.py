@@ -1,4 +1,4 @@
-"CUDA checks for chapters 03-13 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
+"CUDA checks for chapters 03-14 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
 import numpy as np
 import pytest
 import torch
@@ -236,3 +236,31 @@ def test_dpo_and_grpo_steps_on_gpu():
     objective = GRPOObjective(tok, reward_fn=lambda reply, answer: float(len(reply) % 2), group_size=4, max_new_tokens=6)
     hist = train_grpo(policy, tok, questions, steps=2, batch_size=2, lr=1e-2, objective=objective, progress=False, warmup=0)
     assert np.isfinite(hist.losses).all() and "reward" in hist.extras
+
+
+def test_capstone_stage_2_and_the_assistant_on_gpu(tmp_path):
+    "Chapter 14: instruction tuning (frozen LLM, token-CTC adapter) steps on the GPU, then a Whisper-encoder assistant answering there."
+    from transformers import LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+    from speechllm_course.adapters import WhisperSpeechEncoder
+    from speechllm_course.alignment import token_ctc_speech_lm
+    from speechllm_course.capstone import SPOKEN_PROMPT, SpokenAssistant, instruction_tune
+    from speechllm_course.lm import render, text_documents, tiny_llama_config, train_text_tokenizer
+    tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=1)], vocab_size=300)
+    cfg = WhisperConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=128,
+                        decoder_ffn_dim=128, num_mel_bins=80, vocab_size=64, max_target_positions=32, max_source_positions=150,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    WhisperModel(cfg).save_pretrained(tmp_path)
+    WhisperFeatureExtractor(feature_size=80, chunk_length=3).save_pretrained(tmp_path)
+    encoder = WhisperSpeechEncoder.from_pretrained(str(tmp_path)).cuda()
+    torch.manual_seed(0)
+    model = token_ctc_speech_lm(LlamaForCausalLM(tiny_llama_config(tok, hidden=64, layers=1, heads=2, kv_heads=1)), tok, encoder.dim).cuda()
+    rng = np.random.default_rng(0)
+    wavs = [(0.1 * rng.standard_normal(16000 + 4000 * i)).astype(np.float32) for i in range(4)]
+    feats = encoder.features(wavs)
+    examples = [dict(features=f, transcript=t, instruction=SPOKEN_PROMPT, target=r)
+                for f, (t, r) in zip(feats, [("what is the plural of cat", "cats"), ("repeat after me: a dog", "a dog")] * 2)]
+    hist = instruction_tune(model, tok, examples, steps=3, batch_size=2, lr=1e-2, progress=False, log_every=1)
+    assert np.isfinite(hist.losses).all() and not any(p.requires_grad for p in model.llm.parameters())
+    assistant = SpokenAssistant(encoder, model, tok, str(tmp_path), "smoke")
+    replies = assistant(wavs[:2], max_new_tokens=4)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies) and model.device.type == "cuda"

@@ -58,3 +58,8 @@ def test_a_blank_page_a_broken_figure_and_a_missing_chapter_fail(tmp_path):
     blank = docs_check.check_page(docs_check.find_browser(), site, "01_a.ipynb", pages, shots, nbs)
     assert any(p.startswith("blank") for p in blank.problems) and any("figures missing" in p for p in blank.problems)
     assert docs_check.check_page(docs_check.find_browser(), site, "02_b.ipynb", pages, shots, nbs).problems == ["page missing"]
+
+
+def test_expected_media_of_a_markdown_page_counts_its_png_images(tmp_path):
+    (tmp_path / "results.md").write_text("# Results\n\n![a](results_files/a-1.png)\n\ntext ![b](results_files/b-1.png) ![c](c.svg)\n")
+    assert docs_check.expected_media(tmp_path / "results.md") == dict(figures=2, audio=0)

@@ -9,6 +9,7 @@ built from nbs/sidebar.yml, so the site can still be read and checked in a brows
     python tools/build_docs.py --readme-only  # README.md from nbs/index.ipynb
 """
 import argparse
+import base64
 import html
 import os
 import re
@@ -25,9 +26,20 @@ NBS, OUT = ROOT / "nbs", ROOT / "_docs"
 
 
 def chapters() -> list[str]:
-    "Notebook file names in sidebar order."
+    "Page sources in sidebar order: notebooks, and Markdown pages such as results.md."
     side = yaml.safe_load((NBS / "sidebar.yml").read_text())
-    return [c for c in side["website"]["sidebar"]["contents"] if isinstance(c, str) and c.endswith(".ipynb")]
+    return [c for c in side["website"]["sidebar"]["contents"] if isinstance(c, str) and c.endswith((".ipynb", ".md"))]
+
+
+def html_name(page: str) -> str:
+    return Path(page).with_suffix(".html").name
+
+
+def _markdown_page(name: str):
+    "A Markdown page as a one-cell notebook, its figures inlined (as nbconvert does for notebook outputs) so the page stands alone."
+    text = (NBS / name).read_text(encoding="utf-8")
+    inline = lambda m: f"![{m[1]}](data:image/png;base64,{base64.b64encode((NBS / m[2]).read_bytes()).decode()})"
+    return nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, text))])
 
 
 def _front_matter(nb) -> dict:
@@ -93,7 +105,7 @@ def write_readme() -> Path:
     parts = []
     for c in nb.cells:
         if c.cell_type == "markdown":
-            src = re.sub(r"\]\((\d\d[a-z]?_[a-z_]+)\.ipynb\)", r"](nbs/\1.ipynb)", c.source)  # links work from the repo root
+            src = re.sub(r"\]\((\d\d[a-z]?_[a-z_]+\.ipynb|results\.md)\)", r"](nbs/\1)", c.source)  # links work from the repo root
             parts.append(src.replace("> ", "> ", 1))
         elif c.cell_type == "code":
             parts.append(f"```python\n{c.source}\n```")
@@ -111,21 +123,26 @@ def static_site() -> Path:
     proc = Path(proc_nbs(NBS))  # -> _proc/ with nbdev's processors applied
     names = chapters()
     titles = {}
+    pages = {}
     for n in names:
         p = proc / n
-        if not p.exists():
+        if n.endswith(".md"):
+            if not (NBS / n).exists(): raise SystemExit(f"sidebar.yml lists {n}, but nbs/{n} does not exist")
+            pages[n] = _markdown_page(n)
+        elif not p.exists():
             raise SystemExit(f"sidebar.yml lists {n}, but nbs/{n} does not exist")
-        titles[n] = _title(nbformat.read(p, as_version=4))
+        else:
+            pages[n] = _for_static_html(_strip_hidden(nbformat.read(p, as_version=4)))
+        titles[n] = _title(pages[n])
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir()
     from nbconvert.preprocessors import TagRemovePreprocessor
     exporter = HTMLExporter(template_name="lab")
     exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"hide-input"}), enabled=True)
     for n in names:
-        nb = _for_static_html(_strip_hidden(nbformat.read(proc / n, as_version=4)))
-        body, _ = exporter.from_notebook_node(nb)
-        page = n.replace(".ipynb", ".html")
-        nav = "".join(f'<li class="{"active" if m == n else ""}"><a href="{m.replace(".ipynb", ".html")}">{html.escape(titles[m])}</a></li>'
+        body, _ = exporter.from_notebook_node(pages[n])
+        page = html_name(n)
+        nav = "".join(f'<li class="{"active" if m == n else ""}"><a href="{html_name(m)}">{html.escape(titles[m])}</a></li>'
                       for m in names)
         sidebar = (f'<nav id="course-nav" aria-label="chapters"><div class="course-title">speechllm-course</div>'
                    f'<ul>{nav}</ul></nav>')
@@ -137,7 +154,7 @@ def static_site() -> Path:
         body = re.sub(r"(<body[^>]*>)", r"\1" + sidebar.replace("\\", "\\\\"), body, count=1)
         body = re.sub(r'href="(\d\d[a-z]?_[a-z_]+|index)\.ipynb', r'href="\1.html', body)  # cross-links between chapters
         (OUT / page).write_text(body, encoding="utf-8")
-    (OUT / "index.html").exists() or shutil.copy(OUT / names[0].replace(".ipynb", ".html"), OUT / "index.html")
+    (OUT / "index.html").exists() or shutil.copy(OUT / html_name(names[0]), OUT / "index.html")
     return OUT
 
 

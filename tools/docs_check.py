@@ -39,7 +39,7 @@ MIN_PIXEL_STD = 2.0  # grey-level spread of the screenshot: a blank page is one 
 def sidebar_pages(nbs: Path = NBS) -> list[str]:
     "Notebook names in the order nbs/sidebar.yml lists them."
     side = yaml.safe_load((nbs / "sidebar.yml").read_text())
-    return [c for c in side["website"]["sidebar"]["contents"] if isinstance(c, str) and c.endswith(".ipynb")]
+    return [c for c in side["website"]["sidebar"]["contents"] if isinstance(c, str) and c.endswith((".ipynb", ".md"))]
 
 
 def find_browser() -> str | None:
@@ -56,7 +56,9 @@ def _shown(cell) -> bool:
 
 
 def expected_media(nb_path: Path) -> dict:
-    "{'figures': n, 'audio': n}: the image and audio outputs of the notebook's shown cells."
+    "{'figures': n, 'audio': n}: the image and audio outputs of the notebook's shown cells (a Markdown page: its PNG images)."
+    if nb_path.suffix == ".md":
+        return dict(figures=len(re.findall(r"!\[[^\]]*\]\([^)\s]+\.png\)", nb_path.read_text(encoding="utf-8"))), audio=0)
     nb = nbformat.read(nb_path, as_version=4)
     figures = audio = 0
     for c in nb.cells:
@@ -120,7 +122,7 @@ class PageReport:
 
 def check_page(browser: str, site: Path, nb_name: str, pages: list[str], shots: Path, nbs: Path = NBS) -> PageReport:
     "Render one page and run every check on it."
-    html_name = nb_name.replace(".ipynb", ".html")
+    html_name = Path(nb_name).with_suffix(".html").name
     rep = PageReport(html_name)
     page = site / html_name
     if not page.is_file():
@@ -142,7 +144,7 @@ def check_page(browser: str, site: Path, nb_name: str, pages: list[str], shots: 
     if n_audio < want["audio"]: rep.problems.append(f"audio players missing: {n_audio} of {want['audio']}")
     hrefs = set(re.findall(r'<nav[^>]*id="course-nav".*?</nav>', dom, re.S))
     nav = " ".join(hrefs)
-    linked = [p for p in pages if f'href="{p.replace(".ipynb", ".html")}"' in nav]
+    linked = [p for p in pages if f'href="{Path(p).with_suffix(".html").name}"' in nav]
     rep.nav_links = f"{len(linked)}/{len(pages)}"
     if len(linked) < len(pages): rep.problems.append(f"navigation lacks {sorted(set(pages) - set(linked))}")
     names = [t.strip() for t in re.findall(r"<a [^>]*>([^<]*)</a>", nav)]

@@ -1,5 +1,7 @@
 """The main job (`make course`): execute every chapter in order at one scale, save the executed notebooks,
-record wall time per chapter, and say where the results are.
+record wall time per chapter, and write the results page (tools/course_report.py: every chapter's headline tables,
+figures and claim verdicts, with the scale, hardware and wall time; data/results/<scale>/results.md, or nbs/results.md
+with --inplace, the page the docs show).
 
     python tools/run_course.py --scale course            # executed copies in data/results/course/
     python tools/run_course.py --scale course --inplace  # write outputs into nbs/ (what the repo commits)
@@ -26,6 +28,18 @@ def hardware() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def _skip_eval_false(nb) -> list:
+    "Tag the cells nbdev and Quarto leave unexecuted (`#| eval: false`: GPU-only or online-only code) so nbclient skips them too."
+    skipped = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and any(line.replace(" ", "") == "#|eval:false" for line in cell.source.splitlines()):
+            tags = cell.metadata.setdefault("tags", [])
+            if "skip-execution" not in tags:
+                tags.append("skip-execution")
+                skipped.append(cell)
+    return skipped
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default=os.environ.get("SPEECHLLM_SCALE", "course"), choices=["smoke", "course", "full"])
@@ -47,6 +61,7 @@ def main() -> int:
     print(f"running {len(chapters)} chapters at scale={args.scale} on {hardware()}")
     for nb_path in chapters:
         nb = nbformat.read(nb_path, as_version=4)
+        skipped = _skip_eval_false(nb)
         client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(nb_path.parent)}})
         t0 = time.perf_counter()
@@ -56,6 +71,9 @@ def main() -> int:
         except CellExecutionError as e:
             failed = (nb_path.name, str(e).splitlines()[-1] if str(e) else repr(e))
         dt = time.perf_counter() - t0
+        for cell in skipped: cell.metadata["tags"].remove("skip-execution")
+        for cell in skipped:
+            if not cell.metadata["tags"]: del cell.metadata["tags"]
         timings[nb_path.stem] = round(dt, 1)
         target = nb_path if args.inplace and failed is None else out_dir / nb_path.name
         tmp = target.with_name(f".{target.name}.tmp")
@@ -64,6 +82,12 @@ def main() -> int:
         print(f" {dt:7.1f} s" + ("  FAILED" if failed else ""))
         if failed:
             break
+    sys.path.insert(0, str(ROOT / "tools"))
+    from course_report import record_timings, write_report
+    page = ROOT / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
+    record_timings(page, timings, args.scale, hardware(), failed=failed and Path(failed[0]).stem)
+    write_report(ROOT / "nbs" if args.inplace else out_dir, page, args.scale, fallback=ROOT / "nbs")
+    print(f"results page: {page.relative_to(ROOT)}")
     summary = dict(scale=args.scale, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M"),
                    seconds=timings, total_seconds=round(sum(timings.values()), 1), failed=failed)
     tmp = out_dir / ".timings.json.tmp"

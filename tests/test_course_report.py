@@ -1,0 +1,71 @@
+"The results page (tools/course_report.py): it copies marked cells' outputs from executed notebooks, never anything else."
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import course_report  # noqa: E402
+
+
+def _png() -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray((np.arange(4 * 6 * 3).reshape(4, 6, 3) % 255).astype(np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _chapter(folder: Path, stem: str, title: str, cells):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}\n> summary")]
+    for source, outputs in cells:
+        c = nbformat.v4.new_code_cell(source)
+        c.outputs = outputs
+        nb.cells.append(c)
+    nbformat.write(nb, folder / f"{stem}.ipynb")
+
+
+def test_the_page_holds_marked_outputs_and_recorded_timings_only(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    table = nbformat.v4.new_output("execute_result", data={"text/html": "<table><tr><td>0.123</td></tr></table>", "text/plain": "0.123"})
+    fig = nbformat.v4.new_output("display_data", data={"image/png": _png(), "text/plain": "<Figure>"})
+    claims = nbformat.v4.new_output("stream", name="stdout", text="        holds: A beats B (0.9 vs 0.1; paper: 0.8 vs 0.2)\n")
+    log = nbformat.v4.new_output("stream", name="stdout", text="model step 10/100 loss 1.234 lr 1e-3\n")
+    noise = nbformat.v4.new_output("stream", name="stderr", text="a warning\n")
+    _chapter(nbs, "01_first", "First", [("# report: headline\ntable", [table, noise]), ("unmarked()", [claims]),
+                                        ("# report: claims\nverdicts()", [log, claims])])
+    _chapter(nbs, "02_second", "Second", [("# report: headline\nplot()", [fig]),
+                                          ("# report: headline\nbroken()", [nbformat.v4.new_output("error", ename="ValueError", evalue="bad", traceback=[])])])
+    _chapter(nbs, "03_third", "Third", [("plain()", [table])])
+    page = tmp_path / "site" / "results.md"
+    page.parent.mkdir()
+    course_report.record_timings(page, {"01_first": 61.0, "02_second": 5.0}, "course", "x86_64, 2 CPU cores", failed="02_second")
+    timings = course_report.record_timings(page, {"03_third": 12.0}, "course", "x86_64, 2 CPU cores")
+    assert set(timings) == {"01_first", "03_third"}  # a failed chapter records no time; earlier records are kept
+    text = course_report.write_report(nbs, page, "course").read_text()
+    assert "<table><tr><td>0.123</td></tr></table>" in text and "a warning" not in text and "step 10/100" not in text
+    assert "**Claims, as this run found them:**" in text and text.count("holds: A beats B") == 1  # only the marked cell's
+    assert "![02_second: figure 1](results_files/02_second-1.png)" in text
+    assert (tmp_path / "site" / "results_files" / "02_second-1.png").read_bytes() == base64.b64decode(_png())
+    assert "(this cell failed: ValueError: bad)" in text and "(this chapter marks no headline result)" in text
+    rows = [l for l in text.splitlines() if l.startswith("| [")]
+    assert [r.split("|")[4].strip() for r in rows] == ["1.0 min", "—", "12 s"]
+    assert "Total recorded wall time at `course`: 1.2 min" in text
+    assert json.loads((tmp_path / "site" / "results_files" / "chapters.json").read_text())["01_first"]["seconds"] == 61.0
+    assert not list((tmp_path / "site").glob(".*.tmp"))
+
+
+def test_executed_copies_take_precedence_and_missing_chapters_come_from_the_fallback(tmp_path):
+    committed, executed = tmp_path / "nbs", tmp_path / "executed"
+    committed.mkdir(); executed.mkdir()
+    out = lambda v: [nbformat.v4.new_output("stream", name="stdout", text=f"value {v}\n")]
+    _chapter(committed, "01_a", "A", [("# report: headline\nx", out("old"))])
+    _chapter(committed, "02_b", "B", [("# report: headline\nx", out("committed"))])
+    _chapter(executed, "01_a", "A", [("# report: headline\nx", out("new"))])
+    text = course_report.write_report(executed, tmp_path / "r.md", "smoke", timings={}, fallback=committed).read_text()
+    assert "value new" in text and "value old" not in text and "value committed" in text

@@ -1,0 +1,156 @@
+"""The results page of `make course`: every chapter's headline tables, figures and claim verdicts, copied from its
+executed notebook, with the scale, hardware and wall time the run recorded. Nothing in it is typed in.
+
+A chapter marks what goes in the report with a first-line comment in a code cell:
+
+    # report: headline ...   the cell's output (a table, a figure, printed text) is a headline result
+    # report: claims ...     the cell prints the chapter's verdicts on the papers' claims
+
+    python tools/course_report.py --scale course                       # from data/results/course/ (falls back to nbs/)
+    python tools/course_report.py --scale course --notebooks nbs --out nbs/results.md   # the page the docs show
+
+`tools/run_course.py` records each chapter's wall time in `<out folder>/results_files/chapters.json` and calls this
+script when it finishes.
+"""
+import argparse
+import base64
+import html
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = re.compile(r"^#\s*report:\s*(headline|claims)\b", re.M)
+TIMINGS = "chapters.json"
+LOG_LINE = re.compile(r"^\S.* step \d+/\d+ loss |^\[RANK \d+\]")
+
+
+def chapter_notebooks(folder: Path) -> list[Path]:
+    "The chapters (nn_name.ipynb) in a folder, in course order."
+    return sorted(folder.glob("[0-9][0-9]*_*.ipynb"))
+
+
+def title_of(nb) -> str:
+    "A notebook's first '# ' heading."
+    for c in nb.cells:
+        if c.cell_type == "markdown":
+            m = re.search(r"^#\s+(.+)$", c.source, re.M)
+            if m: return m.group(1).strip()
+    return "untitled"
+
+
+def _text(o) -> str:
+    return "".join(o.get("text", "")) if o.get("output_type") == "stream" else "".join(o.get("data", {}).get("text/plain", ""))
+
+
+def marked_outputs(nb, stem: str, files: Path, link_prefix: str) -> list[str]:
+    """Markdown for each marked cell's outputs: HTML tables as they are, figures written to `files` and linked, printed
+    text in a code block (progress bars and warnings left out)."""
+    parts, n_fig = [], 0
+    for c in nb.cells:
+        if c.cell_type != "code" or not c.source.strip(): continue
+        m = MARK.match(c.source.lstrip())
+        if not m: continue
+        texts = []
+        for o in c.get("outputs", []):
+            if o.get("output_type") == "error":
+                texts.append(f"(this cell failed: {o.get('ename')}: {o.get('evalue')})")
+                continue
+            if o.get("output_type") == "stream" and o.get("name") == "stderr": continue
+            data = o.get("data", {})
+            if "image/png" in data:
+                n_fig += 1
+                name = f"{stem}-{n_fig}.png"
+                tmp = files / f".{name}.tmp"
+                tmp.write_bytes(base64.b64decode("".join(data["image/png"])))
+                os.replace(tmp, files / name)
+                parts.append(f"![{stem}: figure {n_fig}]({link_prefix}{name})")
+            elif "text/html" in data:
+                parts.append("".join(data["text/html"]).strip())
+            else:
+                t = "\n".join(l for l in _text(o).rstrip().splitlines() if not LOG_LINE.match(l))  # training logs are not results
+                if t.strip() and "%|" not in t: texts.append(t)
+        if texts:
+            body = "\n".join(texts)
+            parts.append(("**Claims, as this run found them:**\n\n" if m.group(1) == "claims" else "") + f"```\n{body}\n```")
+    return parts
+
+
+def _minutes(s) -> str:
+    return "—" if s is None else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = None, fallback: Path | None = None) -> Path:
+    """Write the results page `out` (Markdown) and its figures in `<out stem>_files/` from the executed notebooks in
+    `notebooks` (chapters missing there are read from `fallback`, e.g. nbs/). `timings`: {chapter stem: {seconds, scale,
+    hardware, date}} (default: the one stored beside the page)."""
+    files = out.with_name(f"{out.stem}_files")
+    files.mkdir(parents=True, exist_ok=True)
+    if timings is None:
+        stored = files / TIMINGS
+        timings = json.loads(stored.read_text()) if stored.exists() else {}
+    found = {p.stem: p for p in chapter_notebooks(fallback)} if fallback else {}
+    found.update({p.stem: p for p in chapter_notebooks(notebooks)})
+    nbs = [found[k] for k in sorted(found)]
+    if not nbs: raise SystemExit(f"no chapter notebooks in {notebooks}")
+    rows, sections = [], []
+    for p in nbs:
+        nb = nbformat.read(p, as_version=4)
+        stem, title = p.stem, title_of(nb)
+        t = timings.get(stem, {})
+        rows.append(f"| [{stem}]({stem}.ipynb) | {html.escape(title)} | {t.get('scale', '—')} | {_minutes(t.get('seconds'))} | "
+                    f"{t.get('date', '—')} | {t.get('hardware', '—')} |")
+        parts = marked_outputs(nb, stem, files, f"{files.name}/")
+        if not parts: parts = ["(this chapter marks no headline result)"]
+        sections.append(f"## {stem}: {title}\n\n" + "\n\n".join(parts))
+    total = sum(t.get("seconds", 0) for t in timings.values() if t.get("scale") == scale)
+    head = (f"# Results\n\n> What the course's chapters computed: each chapter's headline tables and figures and its verdicts on the "
+            f"papers' claims, copied from the executed notebooks by `tools/course_report.py` (generated {time.strftime('%Y-%m-%d %H:%M')}, "
+            f"scale `{scale}`).\n\n"
+            "Every number below comes from a notebook's own output; the chapter pages show the code that computed it. "
+            "A claim line reads *holds* or *DOES NOT HOLD* for this run; the paper's figure is printed beside ours where the "
+            "chapter compares one. Wall time is recorded when `make course` (`tools/run_course.py`) executes a chapter; a dash "
+            "means the chapter's committed outputs predate that record.\n\n"
+            f"| chapter | title | scale | wall time | run on | hardware |\n|---|---|---|---|---|---|\n" + "\n".join(rows) +
+            f"\n\nTotal recorded wall time at `{scale}`: {_minutes(total)}.\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(head + "\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: str | None = None) -> dict:
+    "Merge one run's wall times into the page's stored timings (chapters not run keep their last record)."
+    files = out.with_name(f"{out.stem}_files")
+    files.mkdir(parents=True, exist_ok=True)
+    stored = files / TIMINGS
+    timings = json.loads(stored.read_text()) if stored.exists() else {}
+    for stem, s in seconds.items():
+        if stem == failed: continue
+        timings[stem] = dict(seconds=s, scale=scale, hardware=hardware, date=time.strftime("%Y-%m-%d"))
+    tmp = files / f".{TIMINGS}.tmp"
+    tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
+    os.replace(tmp, stored)
+    return timings
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", default=os.environ.get("SPEECHLLM_SCALE", "course"), choices=["smoke", "course", "full"])
+    ap.add_argument("--notebooks", default=None, help="folder of executed notebooks (default: data/results/<scale>/, else nbs/)")
+    ap.add_argument("--out", default=None, help="the page to write (default: data/results/<scale>/results.md)")
+    args = ap.parse_args()
+    results = ROOT / "data" / "results" / args.scale
+    notebooks = Path(args.notebooks) if args.notebooks else results
+    out = write_report(notebooks, Path(args.out) if args.out else results / "results.md", args.scale, fallback=ROOT / "nbs")
+    print(f"results page: {out} (figures in {out.with_name(out.stem + '_files')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
