@@ -69,3 +69,13 @@ def test_executed_copies_take_precedence_and_missing_chapters_come_from_the_fall
     _chapter(executed, "01_a", "A", [("# report: headline\nx", out("new"))])
     text = course_report.write_report(executed, tmp_path / "r.md", "smoke", timings={}, fallback=committed).read_text()
     assert "value new" in text and "value old" not in text and "value committed" in text
+
+
+def test_the_runner_skips_eval_false_cells_and_leaves_no_tag_behind():
+    import run_course
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("#| eval: false\ndownload()"), nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("#|eval:false\nalso()")]
+    skipped = run_course._skip_eval_false(nb)
+    assert skipped == [nb.cells[0], nb.cells[2]] and all(c.metadata["tags"] == ["skip-execution"] for c in skipped)
+    assert "tags" not in nb.cells[1].metadata
