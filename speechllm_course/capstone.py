@@ -23,6 +23,7 @@ from .alignment import (ALIGNMENT_SIZES, ALIGNMENT_VERSION, AlignmentObjective, 
                                         cached_token_ctc, normalize_reply, speech_instruction, token_ctc_labels, token_ctc_speech_lm)
 from .core import SAMPLE_RATE, bad_arg, for_scale, get_scale, save_json, load_json, train
 from .lm import AUDIO_TOKEN, load_llm
+from .sft import _column  # one column of a Dataset or of a list of dicts, as chapter 12 reads its rows
 from .supervised_tokens import error_rate
 
 # %% auto #0
@@ -237,11 +238,6 @@ def instruction_tune(model: SpeechLM, # a token-CTC speech LLM with its LLM froz
     return train(AlignmentObjective(model, "asr", ctc_weight), list(examples), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                  collate_fn=collate, loss_fn=lambda obj, batch: obj(**batch), progress=progress,
                  desc=train_kwargs.pop("desc", "instruction tuning"), **train_kwargs)
-
-
-def _column(rows, key: str) -> list:
-    "One column of a `datasets.Dataset` or of a list of dicts."
-    return list(rows[key]) if hasattr(rows, "column_names") else [r[key] for r in rows]
 
 
 def instruction_examples(rows, # SpeechWorld spoken instructions: a Dataset or dicts with 'instruction', 'response', 'kind'
