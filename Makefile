@@ -30,14 +30,19 @@ $(STAMP): settings.ini setup.py pyproject.toml .ci/constraints.txt
 
 install: $(STAMP)
 
+NB_WORKERS ?= 2
+# torch threads: never more, over all processes, than the cores we may use (tools/cpu_budget.py says why)
+THREADS = $${OMP_NUM_THREADS:-$$($(BIN)/python tools/cpu_budget.py --per $(1))}
+
 course: $(STAMP)
-	SPEECHLLM_SCALE=$(SCALE) $(BIN)/python tools/run_course.py --scale $(SCALE)
+	t=$(call THREADS,1); SPEECHLLM_SCALE=$(SCALE) OMP_NUM_THREADS=$$t MKL_NUM_THREADS=$$t $(BIN)/python tools/run_course.py --scale $(SCALE)
 
 nbtest: $(STAMP)
-	SPEECHLLM_SCALE=smoke $(BIN)/nbdev_test --n_workers 2 --timing
+	t=$(call THREADS,$(NB_WORKERS)); echo "nbdev_test: $(NB_WORKERS) workers x $$t torch threads"; \
+	SPEECHLLM_SCALE=smoke OMP_NUM_THREADS=$$t MKL_NUM_THREADS=$$t $(BIN)/nbdev_test --n_workers $(NB_WORKERS) --timing
 
 pytest: $(STAMP)
-	SPEECHLLM_SCALE=smoke $(BIN)/python -m pytest tests/ -q
+	t=$(call THREADS,1); SPEECHLLM_SCALE=smoke OMP_NUM_THREADS=$$t MKL_NUM_THREADS=$$t $(BIN)/python -m pytest tests/ -q
 
 # nbdev_test prints only "Success."; pytest runs last so its closing line is the one CI reads
 test: $(STAMP)
