@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def test_the_page_holds_marked_outputs_and_recorded_timings_only(tmp_path):
     _chapter(nbs, "03_third", "Third", [("plain()", [table])])
     page = tmp_path / "site" / "results.md"
     page.parent.mkdir()
-    course_report.record_timings(page, {"01_first": 61.0, "02_second": 5.0}, "course", "x86_64, 2 CPU cores", failed="02_second")
+    course_report.record_timings(page, {"01_first": 61.0, "02_second": 5.0}, "course", "x86_64, 2 CPU cores", failed="02_second",
+                                 built={"01_first": {"world": 40.5, "codec": 9.5}, "02_second": {}})
     timings = course_report.record_timings(page, {"03_third": 12.0}, "course", "x86_64, 2 CPU cores")
     assert set(timings) == {"01_first", "03_third"}  # a failed chapter records no time; earlier records are kept
     text = course_report.write_report(nbs, page, "course").read_text()
@@ -55,6 +57,7 @@ def test_the_page_holds_marked_outputs_and_recorded_timings_only(tmp_path):
     assert "(this cell failed: ValueError: bad)" in text and "(this chapter marks no headline result)" in text
     rows = [l for l in text.splitlines() if l.startswith("| [")]
     assert [r.split("|")[4].strip() for r in rows] == ["1.0 min", "—", "12 s"]
+    assert [r.split("|")[5].strip() for r in rows] == ["50 s (2 built)", "—", "—"]  # 03 ran without a record of what it built
     assert "Total recorded wall time at `course`: 1.2 min" in text
     assert json.loads((tmp_path / "site" / "results_files" / "chapters.json").read_text())["01_first"]["seconds"] == 61.0
     assert not list((tmp_path / "site").glob(".*.tmp"))
@@ -79,3 +82,17 @@ def test_the_runner_skips_eval_false_cells_and_leaves_no_tag_behind():
     skipped = run_course._skip_eval_false(nb)
     assert skipped == [nb.cells[0], nb.cells[2]] and all(c.metadata["tags"] == ["skip-execution"] for c in skipped)
     assert "tags" not in nb.cells[1].metadata
+
+
+def test_the_runner_counts_what_a_chapter_built(tmp_path):
+    import time
+    import run_course
+    for name, seconds in (("old", 5.0), ("new", 7.25)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"name": name, "build_seconds": seconds}))
+    (tmp_path / ".half.building-1234").mkdir()  # an unfinished build has no manifest yet
+    past = time.time() - 100
+    os.utime(tmp_path / "old" / "manifest.json", (past, past))
+    assert run_course.artifacts_built_since(tmp_path, time.time() - 50) == {"new": 7.25}
+    assert run_course.artifacts_built_since(tmp_path, past - 1) == {"new": 7.25, "old": 5.0}
+    assert run_course.artifacts_built_since(tmp_path / "absent", 0) == {}

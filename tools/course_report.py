@@ -85,6 +85,13 @@ def _minutes(s) -> str:
     return "—" if s is None else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
+def _building(t: dict) -> str:
+    "What part of a chapter's wall time went into building (training) artifacts rather than loading them from the cache."
+    if "built" not in t: return "—"
+    if not t["built"]: return "0 (all loaded from the cache)"
+    return f"{_minutes(sum(t['built'].values()))} ({len(t['built'])} built)"
+
+
 def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = None, fallback: Path | None = None) -> Path:
     """Write the results page `out` (Markdown) and its figures in `<out stem>_files/` from the executed notebooks in
     `notebooks` (chapters missing there are read from `fallback`, e.g. nbs/). `timings`: {chapter stem: {seconds, scale,
@@ -104,7 +111,7 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
         stem, title = p.stem, title_of(nb)
         t = timings.get(stem, {})
         rows.append(f"| [{stem}]({stem}.ipynb) | {html.escape(title)} | {t.get('scale', '—')} | {_minutes(t.get('seconds'))} | "
-                    f"{t.get('date', '—')} | {t.get('hardware', '—')} |")
+                    f"{_building(t)} | {t.get('date', '—')} | {t.get('hardware', '—')} |")
         parts = marked_outputs(nb, stem, files, f"{files.name}/")
         if not parts: parts = ["(this chapter marks no headline result)"]
         sections.append(f"## {stem}: {title}\n\n" + "\n\n".join(parts))
@@ -115,8 +122,10 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
             "Every number below comes from a notebook's own output; the chapter pages show the code that computed it. "
             "A claim line reads *holds* or *DOES NOT HOLD* for this run; the paper's figure is printed beside ours where the "
             "chapter compares one. Wall time is recorded when `make course` (`tools/run_course.py`) executes a chapter; a dash "
-            "means the chapter's committed outputs predate that record.\n\n"
-            f"| chapter | title | scale | wall time | run on | hardware |\n|---|---|---|---|---|---|\n" + "\n".join(rows) +
+            "means the chapter's committed outputs predate that record. A chapter trains its models on first use and loads them "
+            "from `data/<scale>/` afterwards; *of which building* is the part of the wall time spent training the models it "
+            "did not find there, so a first run takes the wall time and a rerun roughly the difference.\n\n"
+            f"| chapter | title | scale | wall time | of which building | run on | hardware |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\nTotal recorded wall time at `{scale}`: {_minutes(total)}.\n")
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(head + "\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
@@ -124,8 +133,9 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
     return out
 
 
-def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: str | None = None) -> dict:
-    "Merge one run's wall times into the page's stored timings (chapters not run keep their last record)."
+def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: str | None = None, built: dict | None = None) -> dict:
+    """Merge one run's wall times into the page's stored timings (chapters not run keep their last record). `built`:
+    {chapter stem: {artifact: build seconds}}, the artifacts each chapter built in this run."""
     files = out.with_name(f"{out.stem}_files")
     files.mkdir(parents=True, exist_ok=True)
     stored = files / TIMINGS
@@ -133,6 +143,7 @@ def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: 
     for stem, s in seconds.items():
         if stem == failed: continue
         timings[stem] = dict(seconds=s, scale=scale, hardware=hardware, date=time.strftime("%Y-%m-%d"))
+        if built is not None and stem in built: timings[stem]["built"] = built[stem]
     tmp = files / f".{TIMINGS}.tmp"
     tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
     os.replace(tmp, stored)

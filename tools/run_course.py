@@ -28,6 +28,18 @@ def hardware() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def artifacts_built_since(root: Path, since: float) -> dict:
+    """{artifact name: build seconds} of the artifacts in `root` (data/<scale>/) finished at or after `since` (a
+    time.time()): what a chapter built rather than loaded. A build's manifest is written last, so its mtime is when
+    the build finished."""
+    built = {}
+    for manifest in sorted(root.glob("*/manifest.json")):
+        if manifest.stat().st_mtime >= since:
+            try: built[manifest.parent.name] = float(json.loads(manifest.read_text())["build_seconds"])
+            except (OSError, ValueError, KeyError): continue
+    return built
+
+
 def _skip_eval_false(nb) -> list:
     "Tag the cells nbdev and Quarto leave unexecuted (`#| eval: false`: GPU-only or online-only code) so nbclient skips them too."
     skipped = []
@@ -57,14 +69,16 @@ def main() -> int:
         return 2
     out_dir = ROOT / "data" / "results" / args.scale
     out_dir.mkdir(parents=True, exist_ok=True)
-    timings, failed = {}, None
+    from speechllm_course.core import data_root
+    artifacts = data_root() / args.scale
+    timings, built, failed = {}, {}, None
     print(f"running {len(chapters)} chapters at scale={args.scale} on {hardware()}")
     for nb_path in chapters:
         nb = nbformat.read(nb_path, as_version=4)
         skipped = _skip_eval_false(nb)
         client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(nb_path.parent)}})
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         print(f"  {nb_path.name} ...", end="", flush=True)
         try:
             client.execute()
@@ -75,21 +89,24 @@ def main() -> int:
         for cell in skipped:
             if not cell.metadata["tags"]: del cell.metadata["tags"]
         timings[nb_path.stem] = round(dt, 1)
+        built[nb_path.stem] = artifacts_built_since(artifacts, started)
         target = nb_path if args.inplace and failed is None else out_dir / nb_path.name
         tmp = target.with_name(f".{target.name}.tmp")
         nbformat.write(nb, tmp)
         os.replace(tmp, target)
-        print(f" {dt:7.1f} s" + ("  FAILED" if failed else ""))
+        building = sum(built[nb_path.stem].values())
+        print(f" {dt:7.1f} s" + (f" ({building:.0f} s building {len(built[nb_path.stem])} artifacts)" if built[nb_path.stem] else "")
+              + ("  FAILED" if failed else ""))
         if failed:
             break
     sys.path.insert(0, str(ROOT / "tools"))
     from course_report import record_timings, write_report
     page = ROOT / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
-    record_timings(page, timings, args.scale, hardware(), failed=failed and Path(failed[0]).stem)
+    record_timings(page, timings, args.scale, hardware(), failed=failed and Path(failed[0]).stem, built=built)
     write_report(ROOT / "nbs" if args.inplace else out_dir, page, args.scale, fallback=ROOT / "nbs")
     print(f"results page: {page.relative_to(ROOT)}")
     summary = dict(scale=args.scale, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M"),
-                   seconds=timings, total_seconds=round(sum(timings.values()), 1), failed=failed)
+                   seconds=timings, total_seconds=round(sum(timings.values()), 1), built=built, failed=failed)
     tmp = out_dir / ".timings.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out_dir / "timings.json")
