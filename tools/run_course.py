@@ -72,7 +72,11 @@ def main() -> int:
     from speechllm_course.core import data_root
     artifacts = data_root() / args.scale
     timings, built, failed = {}, {}, None
-    print(f"running {len(chapters)} chapters at scale={args.scale} on {hardware()}")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from course_report import record_timings, write_report
+    page = ROOT / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
+    machine = hardware()
+    print(f"running {len(chapters)} chapters at scale={args.scale} on {machine}")
     for nb_path in chapters:
         nb = nbformat.read(nb_path, as_version=4)
         skipped = _skip_eval_false(nb)
@@ -99,13 +103,11 @@ def main() -> int:
               + ("  FAILED" if failed else ""))
         if failed:
             break
-    sys.path.insert(0, str(ROOT / "tools"))
-    from course_report import record_timings, write_report
-    page = ROOT / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
-    record_timings(page, timings, args.scale, hardware(), failed=failed and Path(failed[0]).stem, built=built)
+        # recorded as each chapter finishes, so an interrupted run keeps the times of the chapters it completed
+        record_timings(page, {nb_path.stem: timings[nb_path.stem]}, args.scale, machine, built=built)
     write_report(ROOT / "nbs" if args.inplace else out_dir, page, args.scale, fallback=ROOT / "nbs")
     print(f"results page: {page.relative_to(ROOT)}")
-    summary = dict(scale=args.scale, hardware=hardware(), date=time.strftime("%Y-%m-%d %H:%M"),
+    summary = dict(scale=args.scale, hardware=machine, date=time.strftime("%Y-%m-%d %H:%M"),
                    seconds=timings, total_seconds=round(sum(timings.values()), 1), built=built, failed=failed)
     tmp = out_dir / ".timings.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
