@@ -26,7 +26,8 @@ __all__ = ['INTERLEAVING_SIZES', 'INTERLEAVING_VERSION', 'TEXT_MARKER', 'SPEECH_
            'pack_mix', 'text_to_token_examples', 'pad_examples', 'new_text_to_token', 'train_text_to_token',
            'cached_text_to_token', 'ModalityMask', 'generate', 'text_to_token', 'unit_error_rate', 'mean_run_lengths',
            'expand_units', 'synthetic_documents', 'speech_text_llm', 'continue_pretraining', 'cached_interleaved_lm',
-           'continuation_nll', 'cross_modal_nll', 'asr_prompt', 'tts_prompt', 'few_shot_asr', 'few_shot_tts']
+           'target_nlls', 'continuation_nll', 'cross_modal_nll', 'asr_prompt', 'tts_prompt', 'few_shot_asr',
+           'few_shot_tts', 'transcript_choice', 'candidate_sets', 'word_errors', 'paired_gap']
 
 # %% ../nbs/10b_interleaving.ipynb #04862b38
 @dataclass(frozen=True)
@@ -493,23 +494,28 @@ def cached_interleaved_lm(name: str, make_model, tokenizer, blocks: torch.Tensor
 
 # %% ../nbs/10b_interleaving.ipynb #d4d2ebf8
 @torch.no_grad()
-def continuation_nll(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> tuple[float, int]:
-    "Total negative log-likelihood (nats) of each target given its prefix, summed over items, and the number of target tokens."
+def target_nlls(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> np.ndarray:
+    "Negative log-likelihood (nats) of each target given its prefix: one value per item (batched, right-padded)."
     if len(prefixes) != len(targets) or not len(targets): raise bad_arg("targets", f"{len(prefixes)} targets (one per prefix)", len(targets))
     model.eval()
-    total, count = 0.0, 0
+    out = []
     for s in range(0, len(targets), batch_size):
         batch = [dict(input_ids=list(p) + list(t), labels=[-100] * len(p) + list(t)) for p, t in zip(prefixes[s: s + batch_size], targets[s: s + batch_size])]
         b = {k: v.to(model.device) for k, v in pad_examples(batch, pad_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
-        target = b["labels"][:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
-        count += int((target != -100).sum())
-    return total, count
+        nll = F.cross_entropy(logits.transpose(1, 2), b["labels"][:, 1:], ignore_index=-100, reduction="none")  # (B, L-1), 0 off target
+        out.append(nll.sum(1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def continuation_nll(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> tuple[float, int]:
+    "Total negative log-likelihood (nats) of each target given its prefix, summed over items, and the number of target tokens."
+    return float(target_nlls(model, prefixes, targets, pad_id, batch_size).sum()), sum(map(len, targets))
 
 
 def cross_modal_nll(model, vocab: SpeechTextVocab, utterances: Sequence[dict], batch_size: int = 32,
                     min_gain: float = 0.02, # below this same-modality gain (nats/token) the transfer share is undefined (NaN)
+                    per_item: bool = False, # also return each utterance's NLLs ('items') and the target token counts ('tokens')
                    ) -> dict:
     "NLL per token of each utterance's second half (text, then units) after a first half in either modality, its own or the next utterance's; gains, transfers."
     if len(utterances) < 2 or any(len(u["words"]) < 2 for u in utterances):
@@ -521,18 +527,20 @@ def cross_modal_nll(model, vocab: SpeechTextVocab, utterances: Sequence[dict], b
         mid = u["bounds"][k][0]
         halves.append(dict(speech=[vocab.speech_id] + vocab.units(dedup(u["units"][a:mid])[0]), text=[vocab.text_id] + vocab.text(" ".join(u["words"][:k])),
                            tail_text=vocab.text(" ".join(u["words"][k:])), tail_units=vocab.units(dedup(u["units"][mid:z])[0])))
-    out = {}
+    out, items, tokens = {}, {}, {}
     for target, marker, tail in (("text", vocab.text_id, "tail_text"), ("speech", vocab.speech_id, "tail_units")):
         for context in ("speech", "text"):
             for whose, shift in (("own", 0), ("other", 1)):  # the next utterance's first half: the same format, the wrong content
                 prefixes = [halves[(i + shift) % len(halves)][context] + ([marker] if context != target else []) for i in range(len(halves))]
-                total, count = continuation_nll(model, prefixes, [h[tail] for h in halves], vocab.pad_id, batch_size)
-                out[f"nll_{target}|{context}" + ("" if whose == "own" else "_other")] = total / count
+                key = f"nll_{target}|{context}" + ("" if whose == "own" else "_other")
+                items[key] = target_nlls(model, prefixes, [h[tail] for h in halves], vocab.pad_id, batch_size)
+                tokens[target] = sum(len(h[tail]) for h in halves)
+                out[key] = float(items[key].sum()) / tokens[target]
     for target, other, key in (("text", "speech", "s2t"), ("speech", "text", "t2s")):
         out[f"gain_{key}"] = out[f"nll_{target}|{other}_other"] - out[f"nll_{target}|{other}"]  # what this utterance's first half in the other modality saves
         out[f"same_gain_{key}"] = same = out[f"nll_{target}|{target}_other"] - out[f"nll_{target}|{target}"]  # ... and in the same modality
         out[f"transfer_{key}"] = out[f"gain_{key}"] / same if same > min_gain else float("nan")
-    return out
+    return dict(out, items=items, tokens=tokens) if per_item else out
 
 # %% ../nbs/10b_interleaving.ipynb #b9257d85
 def _shot(shot, i: int) -> tuple:
@@ -572,3 +580,58 @@ def few_shot_tts(model, vocab: SpeechTextVocab, shots_per_item: Sequence[Sequenc
     caps = [int(np.ceil(1.5 * units_per_word * len(t.split()))) + 4 for t in texts]
     gen = generate(model, vocab, [tts_prompt(vocab, s, t) for s, t in zip(shots_per_item, texts)], "speech", caps, temperature, seed, batch_size)
     return [vocab.to_units(g) for g in gen]
+
+# %% ../nbs/10b_interleaving.ipynb #3ea156cd
+def transcript_choice(model, vocab: SpeechTextVocab, shots_per_item: Sequence[Sequence[tuple]], unit_seqs: Sequence,
+                      candidates_per_item: Sequence[Sequence[str]], # the same number (>= 2) of candidate transcripts per clip
+                      batch_size: int = 32) -> np.ndarray:
+    "Few-shot ASR as a choice: the NLL (nats) of each candidate transcript, then the end token, after each clip's ASR prompt; (clips, candidates)."
+    if len(shots_per_item) != len(unit_seqs): raise bad_arg("shots_per_item", f"one list of examples per clip ({len(unit_seqs)})", len(shots_per_item))
+    if isinstance(candidates_per_item, str) or len(candidates_per_item) != len(unit_seqs):
+        raise bad_arg("candidates_per_item", f"one list of candidate transcripts per clip ({len(unit_seqs)})",
+                      candidates_per_item if isinstance(candidates_per_item, str) else len(candidates_per_item))
+    counts = sorted({len(c) if not isinstance(c, str) else 0 for c in candidates_per_item})
+    if len(counts) != 1 or counts[0] < 2:
+        raise bad_arg("candidates_per_item", "lists of the same number (at least 2) of candidate transcripts", f"lists of {counts} candidates")
+    for i, cands in enumerate(candidates_per_item):
+        for j, t in enumerate(cands):
+            if not isinstance(t, str) or not t.strip(): raise bad_arg(f"candidates_per_item[{i}][{j}]", "a non-empty transcript", t)
+    prompts = [asr_prompt(vocab, s, u) for s, u in zip(shots_per_item, unit_seqs)]
+    prefixes = [p for p, cands in zip(prompts, candidates_per_item) for _ in cands]
+    targets = [vocab.text(t) + [vocab.end_id] for cands in candidates_per_item for t in cands]
+    return target_nlls(model, prefixes, targets, vocab.pad_id, batch_size).reshape(len(prompts), counts[0])
+
+
+def candidate_sets(truths: Sequence[str], # the right answer of each item
+                   n_choices: int = 5, seed: int = 0) -> tuple[list[list[str]], np.ndarray]:
+    "Multiple-choice sets: each item's own answer and n_choices - 1 other distinct answers, in a random order; (sets, index of the right one)."
+    distinct = sorted(set(truths))
+    if not isinstance(n_choices, (int, np.integer)) or isinstance(n_choices, bool) or not 2 <= n_choices <= len(distinct):
+        raise bad_arg("n_choices", f"an int from 2 to the number of distinct answers ({len(distinct)})", n_choices)
+    rng, sets, answer = np.random.default_rng(seed), [], []
+    for truth in truths:
+        others = [t for t in distinct if t != truth]
+        cands = [truth] + [others[j] for j in rng.choice(len(others), size=n_choices - 1, replace=False)]
+        order = rng.permutation(n_choices)
+        sets.append([cands[o] for o in order]); answer.append(int(np.flatnonzero(order == 0)[0]))
+    return sets, np.array(answer)
+
+
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> np.ndarray:
+    "Word edit distance of each hypothesis to its reference (their sum over the references' word count is the WER)."
+    if isinstance(refs, str) or isinstance(hyps, str) or len(refs) != len(hyps) or not len(refs):
+        raise bad_arg("hyps", f"{len(refs)} hypotheses (one per reference, at least one)", hyps if isinstance(hyps, str) else len(hyps))
+    return np.array([edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)], dtype=float)
+
+
+def paired_gap(scores: np.ndarray, baseline: np.ndarray, # per-item scores of two conditions on the same items
+               normalizer: float | None = None, # the difference is summed and divided by this (None: the item count, i.e. the mean)
+              ) -> tuple[float, float]:
+    "Difference of two paired per-item scores (e.g. 0/1 correct, or word errors over the total word count) and its standard error."
+    a, b = np.asarray(scores, dtype=float), np.asarray(baseline, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2: raise bad_arg("baseline", f"per-item scores like `scores` (shape {a.shape}, at least 2 items)", b.shape)
+    norm = len(a) if normalizer is None else float(normalizer)
+    if not norm > 0: raise bad_arg("normalizer", "a positive number", normalizer)
+    d = a - b
+    return float(d.sum() / norm), float(np.sqrt(len(d)) * d.std(ddof=1) / norm)
+

@@ -6,11 +6,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 from speechllm_course.interleaving import (
-    SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, continue_pretraining, cross_modal_nll, expand_units,
-    few_shot_asr, few_shot_tts, generate, interleave_plan, interleaved_documents, mean_run_lengths, new_text_to_token, pack_mix, pad_examples,
-    speech_documents, speech_text_llm, synthetic_documents, text_documents_ids, text_to_token, text_to_token_examples, train_text_to_token,
-    tts_prompt, unit_error_rate, unit_token, utterance_spans, word_frames)
+    SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, candidate_sets, continuation_nll, continue_pretraining, cross_modal_nll,
+    expand_units, few_shot_asr, few_shot_tts, generate, interleave_plan, interleaved_documents, mean_run_lengths, new_text_to_token, pack_mix,
+    pad_examples, paired_gap, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
+    text_to_token_examples, train_text_to_token, transcript_choice, tts_prompt, unit_error_rate, unit_token, utterance_spans, word_errors, word_frames)
 from speechllm_course.lm import load_llm, render, text_documents, tiny_llama_config, train_text_tokenizer
+from speechllm_course.supervised_tokens import error_rate
 from speechllm_course.units import dedup
 
 K = 12
@@ -141,6 +142,55 @@ def test_generation_stays_in_its_modality(vocab):
     assert all(len(u) <= 2 * 2 * 2 + 4 for u in few_shot_tts(model, vocab, shots, ["my cat", "a dog"], units_per_word=2.0))
 
 
+def test_target_nlls_are_per_item_and_batch_invariant(vocab):
+    model = tiny_llm(vocab)
+    prefixes = [[vocab.speech_id, *vocab.units([1, 2, 3]), vocab.text_id], [vocab.text_id]]
+    targets = [vocab.text("the red cat") + [vocab.end_id], vocab.text("two dogs run fast") + [vocab.end_id]]
+    batched = target_nlls(model, prefixes, targets, vocab.pad_id, batch_size=2)
+    for p, t, got in zip(prefixes, targets, batched):  # right padding changes nothing: each item alone, by hand
+        logp = torch.log_softmax(model(torch.tensor([p + t])).logits[0, :-1].float(), -1)
+        assert got == pytest.approx(-sum(float(logp[len(p) - 1 + i, x]) for i, x in enumerate(t)), rel=1e-4)
+    total, count = continuation_nll(model, prefixes, targets, vocab.pad_id)
+    assert total == pytest.approx(batched.sum(), rel=1e-6) and count == sum(map(len, targets))
+
+
+def test_transcript_choice_scores_every_candidate_after_its_prompt(vocab):
+    model = tiny_llm(vocab)
+    shots = [[(np.array([1, 2]), "the cat")], []]
+    units = [np.array([3, 4]), np.array([5])]
+    cands = [["the red cat", "two dogs run", "my horse"], ["a dog", "the cat", "my lemon"]]
+    nll = transcript_choice(model, vocab, shots, units, cands, batch_size=4)
+    assert nll.shape == (2, 3)
+    for i in range(2):
+        prompt = asr_prompt(vocab, shots[i], units[i])
+        want = target_nlls(model, [prompt] * 3, [vocab.text(c) + [vocab.end_id] for c in cands[i]], vocab.pad_id)
+        assert np.allclose(nll[i], want, rtol=1e-5)
+    gap, se = paired_gap(np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0]))
+    assert gap == pytest.approx(0.5) and se == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2)
+    with pytest.raises(ValueError, match="candidates_per_item"):
+        transcript_choice(model, vocab, shots, units, [["the cat"], ["a dog"]])
+
+
+def test_choice_sets_word_errors_and_paired_gaps():
+    truths = ["a cat", "a dog", "a cat", "my lemon", "two dogs run"]
+    sets, answer = candidate_sets(truths, n_choices=3, seed=1)
+    again, again_answer = candidate_sets(truths, n_choices=3, seed=1)
+    assert again == sets and again_answer.tolist() == answer.tolist()  # seeded
+    for truth, cands, a in zip(truths, sets, answer):
+        assert cands[a] == truth and len(set(cands)) == 3 and set(cands) <= set(truths)
+    assert len({int(a) for a in candidate_sets(truths * 20, n_choices=3, seed=2)[1]}) == 3  # the answer's slot varies
+    refs, hyps = ["the red cat", "two dogs run fast"], ["the cat", "two dogs run fast"]
+    errors = word_errors(refs, hyps)
+    assert errors.tolist() == [1, 0] and errors.sum() / 7 == pytest.approx(error_rate(refs, hyps))
+    # a WER difference: per-clip errors summed over the total word count; its standard error scales the same way
+    gap, se = paired_gap(np.array([3.0, 1, 2]), np.array([1.0, 1, 0]), normalizer=10)
+    assert gap == pytest.approx(0.4) and se == pytest.approx(np.sqrt(3) * np.std([2, 0, 2], ddof=1) / 10)
+    for call in (lambda: candidate_sets(["a", "b"], n_choices=3), lambda: word_errors(["a b"], []),
+                 lambda: paired_gap(np.ones(3), np.ones(3), normalizer=0)):
+        with pytest.raises(ValueError):
+            call()
+
+
 def test_text_to_token_trains_and_reloads_identically(vocab, tmp_path):
     utts = [fake_utterance(t) for t in TEXTS]
     ex = text_to_token_examples(vocab, utts, spans_per_utterance=2, seed=0)
@@ -178,6 +228,9 @@ def test_continued_pretraining_and_transfer_measure(tokenizer):
     for key in ("s2t", "t2s"):  # the share is defined only where the same modality helps
         same = out[f"same_gain_{key}"]
         assert np.isnan(out[f"transfer_{key}"]) if same <= 0.02 else out[f"transfer_{key}"] == pytest.approx(out[f"gain_{key}"] / same)
+    detailed = cross_modal_nll(llm, v, utts, per_item=True)
+    for key, nlls in detailed["items"].items():  # per-utterance NLLs add up to the per-token averages
+        assert len(nlls) == len(utts) and nlls.sum() / detailed["tokens"][key.split("|")[0][4:]] == pytest.approx(out[key], rel=1e-6)
     # a model trained on interleaved data of these four sentences predicts their text tails better after their own speech than another's
     assert out["nll_text|speech"] < out["nll_text|speech_other"]
 
