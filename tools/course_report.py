@@ -88,7 +88,7 @@ def _minutes(s) -> str:
 def _building(t: dict) -> str:
     "What part of a chapter's wall time went into building (training) artifacts rather than loading them from the cache."
     if "built" not in t: return "—"
-    if not t["built"]: return "0 (all loaded from the cache)"
+    if not t["built"]: return "0 (no cached model built)"
     return f"{_minutes(sum(t['built'].values()))} ({len(t['built'])} built)"
 
 
@@ -124,7 +124,8 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
             "chapter compares one. Wall time is recorded when `make course` (`tools/run_course.py`) executes a chapter; a dash "
             "means the chapter's committed outputs predate that record. A chapter trains its models on first use and loads them "
             "from `data/<scale>/` afterwards; *of which building* is the part of the wall time spent training the models it "
-            "did not find there, so a first run takes the wall time and a rerun roughly the difference.\n\n"
+            "did not find there, so a first run takes the wall time and a rerun roughly the difference. Experiments a chapter trains "
+            "afresh every run (06's collapse experiment, 05's grid of unit LMs) are not cached and count as wall time, not building.\n\n"
             f"| chapter | title | scale | wall time | of which building | run on | hardware |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\nTotal recorded wall time at `{scale}`: {_minutes(total)}.\n")
     tmp = out.with_name(f".{out.name}.tmp")
