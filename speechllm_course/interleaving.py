@@ -26,7 +26,7 @@ __all__ = ['INTERLEAVING_SIZES', 'INTERLEAVING_VERSION', 'TEXT_MARKER', 'SPEECH_
            'pack_mix', 'text_to_token_examples', 'pad_examples', 'new_text_to_token', 'train_text_to_token',
            'cached_text_to_token', 'ModalityMask', 'generate', 'text_to_token', 'unit_error_rate', 'mean_run_lengths',
            'expand_units', 'synthetic_documents', 'speech_text_llm', 'continue_pretraining', 'cached_interleaved_lm',
-           'target_nlls', 'continuation_nll', 'cross_modal_nll', 'asr_prompt', 'tts_prompt', 'few_shot_asr',
+           'target_nlls', 'utterance_halves', 'cross_modal_nll', 'asr_prompt', 'tts_prompt', 'few_shot_asr',
            'few_shot_tts', 'transcript_choice', 'candidate_sets', 'word_errors', 'paired_gap']
 
 # %% ../nbs/10b_interleaving.ipynb #04862b38
@@ -508,9 +508,12 @@ def target_nlls(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequ
     return np.concatenate(out)
 
 
-def continuation_nll(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> tuple[float, int]:
-    "Total negative log-likelihood (nats) of each target given its prefix, summed over items, and the number of target tokens."
-    return float(target_nlls(model, prefixes, targets, pad_id, batch_size).sum()), sum(map(len, targets))
+def utterance_halves(vocab: SpeechTextVocab, u: dict) -> dict:
+    "An utterance cut in the middle of its words: its first half as units and as text (behind their markers), its second half as text and units."
+    k, (a, _), (_, z) = len(u["words"]) // 2, u["bounds"][0], u["bounds"][-1]
+    mid = u["bounds"][k][0]
+    return dict(speech=[vocab.speech_id] + vocab.units(dedup(u["units"][a:mid])[0]), text=[vocab.text_id] + vocab.text(" ".join(u["words"][:k])),
+                tail=" ".join(u["words"][k:]), tail_text=vocab.text(" ".join(u["words"][k:])), tail_units=vocab.units(dedup(u["units"][mid:z])[0]))
 
 
 def cross_modal_nll(model, vocab: SpeechTextVocab, utterances: Sequence[dict], batch_size: int = 32,
@@ -521,12 +524,7 @@ def cross_modal_nll(model, vocab: SpeechTextVocab, utterances: Sequence[dict], b
     if len(utterances) < 2 or any(len(u["words"]) < 2 for u in utterances):
         raise bad_arg("utterances", "at least two utterances of at least two words each",
                       [u["text"] for u in utterances if len(u["words"]) < 2][:3] or f"{len(utterances)} utterance(s)")
-    halves = []
-    for u in utterances:
-        k, (a, _), (_, z) = len(u["words"]) // 2, u["bounds"][0], u["bounds"][-1]
-        mid = u["bounds"][k][0]
-        halves.append(dict(speech=[vocab.speech_id] + vocab.units(dedup(u["units"][a:mid])[0]), text=[vocab.text_id] + vocab.text(" ".join(u["words"][:k])),
-                           tail_text=vocab.text(" ".join(u["words"][k:])), tail_units=vocab.units(dedup(u["units"][mid:z])[0])))
+    halves = [utterance_halves(vocab, u) for u in utterances]
     out, items, tokens = {}, {}, {}
     for target, marker, tail in (("text", vocab.text_id, "tail_text"), ("speech", vocab.speech_id, "tail_units")):
         for context in ("speech", "text"):

@@ -6,10 +6,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from speechllm_course.interleaving import (
-    SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, candidate_sets, continuation_nll, continue_pretraining, cross_modal_nll,
+    SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, candidate_sets, continue_pretraining, cross_modal_nll,
     expand_units, few_shot_asr, few_shot_tts, generate, interleave_plan, interleaved_documents, mean_run_lengths, new_text_to_token, pack_mix,
     pad_examples, paired_gap, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
-    text_to_token_examples, train_text_to_token, transcript_choice, tts_prompt, unit_error_rate, unit_token, utterance_spans, word_errors, word_frames)
+    text_to_token_examples, train_text_to_token, transcript_choice, tts_prompt, unit_error_rate, unit_token, utterance_halves, utterance_spans, word_errors,
+    word_frames)
 from speechllm_course.lm import load_llm, render, text_documents, tiny_llama_config, train_text_tokenizer
 from speechllm_course.supervised_tokens import error_rate
 from speechllm_course.units import dedup
@@ -150,8 +151,6 @@ def test_target_nlls_are_per_item_and_batch_invariant(vocab):
     for p, t, got in zip(prefixes, targets, batched):  # right padding changes nothing: each item alone, by hand
         logp = torch.log_softmax(model(torch.tensor([p + t])).logits[0, :-1].float(), -1)
         assert got == pytest.approx(-sum(float(logp[len(p) - 1 + i, x]) for i, x in enumerate(t)), rel=1e-4)
-    total, count = continuation_nll(model, prefixes, targets, vocab.pad_id)
-    assert total == pytest.approx(batched.sum(), rel=1e-6) and count == sum(map(len, targets))
 
 
 def test_transcript_choice_scores_every_candidate_after_its_prompt(vocab):
@@ -228,6 +227,10 @@ def test_continued_pretraining_and_transfer_measure(tokenizer):
     for key in ("s2t", "t2s"):  # the share is defined only where the same modality helps
         same = out[f"same_gain_{key}"]
         assert np.isnan(out[f"transfer_{key}"]) if same <= 0.02 else out[f"transfer_{key}"] == pytest.approx(out[f"gain_{key}"] / same)
+    h = utterance_halves(v, utts[0])  # "the red cat sleeps": heard or read up to "red", then "cat sleeps"
+    assert h["tail"] == "cat sleeps" and h["tail_text"] == v.text("cat sleeps") and h["text"] == [v.text_id] + v.text("the red")
+    assert h["speech"] == [v.speech_id] + v.units(dedup(utts[0]["units"][: utts[0]["bounds"][2][0]])[0])
+    assert h["tail_units"] == v.units(dedup(utts[0]["units"][utts[0]["bounds"][2][0]:])[0])
     detailed = cross_modal_nll(llm, v, utts, per_item=True)
     for key, nlls in detailed["items"].items():  # per-utterance NLLs add up to the per-token averages
         assert len(nlls) == len(utts) and nlls.sum() / detailed["tokens"][key.split("|")[0][4:]] == pytest.approx(out[key], rel=1e-6)
