@@ -497,6 +497,10 @@ def cached_interleaved_lm(name: str, make_model, tokenizer, blocks: torch.Tensor
 def target_nlls(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], pad_id: int, batch_size: int = 32) -> np.ndarray:
     "Negative log-likelihood (nats) of each target given its prefix: one value per item (batched, right-padded)."
     if len(prefixes) != len(targets) or not len(targets): raise bad_arg("targets", f"{len(prefixes)} targets (one per prefix)", len(targets))
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(p) + len(t) for p, t in zip(prefixes, targets))
+    if context is not None and longest > context:  # rotary positions would run on past what the model was trained on, silently
+        raise bad_arg("prefixes", f"prefix + target within the model's context ({context} tokens)", f"{longest} tokens")
     model.eval()
     out = []
     for s in range(0, len(targets), batch_size):

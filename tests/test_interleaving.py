@@ -168,6 +168,8 @@ def test_transcript_choice_scores_every_candidate_after_its_prompt(vocab):
     assert gap == pytest.approx(0.5) and se == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2)
     with pytest.raises(ValueError, match="candidates_per_item"):
         transcript_choice(model, vocab, shots, units, [["the cat"], ["a dog"]])
+    with pytest.raises(ValueError, match="context"):  # a prompt past the model's context (256 here) is refused, not scored
+        transcript_choice(model, vocab, [[(np.arange(K), "the cat")] * 20], units[:1], cands[:1])
 
 
 def test_choice_sets_word_errors_and_paired_gaps():
