@@ -1,9 +1,17 @@
 "CUDA checks for chapters 03-14 (`pytest -m cuda`): skipped cleanly on machines without a GPU."
+import gc
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from speechllm_course.core import HOP
+
+sys.path.insert(0, str(Path(__file__).parent))
+from full_scale import FULL_SCALE_BUDGET_GIB, all_cases, measure, record  # noqa: E402
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -170,7 +178,7 @@ def test_generation_schemes_train_and_answer_on_gpu(scheme):
     prompt, g = answer_prompt_ids(tok), torch.Generator().manual_seed(0)
     audio = [torch.randn(n, 32, generator=g) for n in (5, 9, 7, 6)]
     answers = [("what is two plus two", "two plus two is four"), ("is one less than two", "yes, one is less than two")] * 2
-    units = [np.arange(i, i + 10) % K for i in range(4)]
+    units = [np.arange(i, i + 40) % K for i in range(4)]  # streaming_thoughts needs a full speech chunk after each text chunk
     if scheme == "text_driven":
         model = CTCUnitDecoder(32, K, upsample=25)
         ex = [dict(hidden=torch.randn(6, 32, generator=g), units=u) for u in units]
@@ -264,3 +272,13 @@ def test_capstone_stage_2_and_the_assistant_on_gpu(tmp_path):
     assistant = SpokenAssistant(encoder, model, tok, str(tmp_path), "smoke")
     replies = assistant(wavs[:2], max_new_tokens=4)
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies) and model.device.type == "cuda"
+
+
+@pytest.mark.parametrize("case", all_cases(), ids=lambda c: c.id)
+def test_full_scale_training_fits_in_one_24gb_gpu(case):
+    "Each chapter's model at its `full` configuration trains through the chapter's own train function, with a finite loss and peak memory under the budget."
+    row = measure(case, timed_steps=int(os.environ.get("SPEECHLLM_FULL_SCALE_STEPS", 4)))
+    record(row)
+    gc.collect(); torch.cuda.empty_cache()
+    assert row["finite"], row
+    assert row["peak_gib"] < FULL_SCALE_BUDGET_GIB, f"{case.id}: peak {row['peak_gib']:.1f} GiB over the {FULL_SCALE_BUDGET_GIB} GiB budget"
