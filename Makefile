@@ -9,11 +9,12 @@ SCALE ?= course
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course test install nbtest pytest export clean-nbs docs docs-check readme bench help
+.PHONY: course test install nbtest pytest gpu-test export clean-nbs docs docs-check readme bench help
 
 help:
 	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass)"
 	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
+	@echo "make gpu-test - on a CUDA machine: pytest -m cuda and every chapter's full-scale training step (time, peak memory)"
 	@echo "make docs     - build the docs site (Quarto if installed, else static HTML in _docs/)"
 	@echo "make docs-check - build the docs, open every page in headless Chromium, fail on a blank page, a missing figure or chapter"
 	@echo "make readme   - regenerate README.md from nbs/index.ipynb"
@@ -48,6 +49,10 @@ pytest: $(STAMP)
 test: $(STAMP)
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory pytest
+
+# results land in $$OUT (default /tmp/gpu_suite); bench/RESULTS.md records the last lent-GPU run
+gpu-test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash tools/gpu_suite.sh
 
 export: $(STAMP)
 	$(BIN)/nbdev_export
