@@ -22,12 +22,13 @@ from .units import dedup
 # %% auto #0
 __all__ = ['INTERLEAVING_SIZES', 'INTERLEAVING_VERSION', 'TEXT_MARKER', 'SPEECH_MARKER', 'MODALITIES', 'InterleavingSizes',
            'training_units', 'unit_token', 'SpeechTextVocab', 'add_speech_tokens', 'word_frames', 'interleave_plan',
-           'utterance_spans', 'utterance', 'interleaved_documents', 'speech_documents', 'text_documents_ids',
-           'pack_mix', 'text_to_token_examples', 'pad_examples', 'new_text_to_token', 'train_text_to_token',
-           'cached_text_to_token', 'ModalityMask', 'generate', 'text_to_token', 'unit_error_rate', 'mean_run_lengths',
-           'expand_units', 'synthetic_documents', 'speech_text_llm', 'continue_pretraining', 'cached_interleaved_lm',
-           'target_nlls', 'utterance_halves', 'cross_modal_nll', 'asr_prompt', 'tts_prompt', 'few_shot_asr',
-           'few_shot_tts', 'transcript_choice', 'candidate_sets', 'word_errors', 'paired_gap']
+           'utterance_spans', 'utterance', 'interleaved_documents', 'transcription_documents', 'speech_documents',
+           'text_documents_ids', 'pack_mix', 'text_to_token_examples', 'pad_examples', 'new_text_to_token',
+           'train_text_to_token', 'cached_text_to_token', 'ModalityMask', 'generate', 'text_to_token',
+           'unit_error_rate', 'mean_run_lengths', 'expand_units', 'synthetic_documents', 'speech_text_llm',
+           'continue_pretraining', 'cached_interleaved_lm', 'target_nlls', 'utterance_halves', 'cross_modal_nll',
+           'asr_prompt', 'tts_prompt', 'few_shot_asr', 'few_shot_tts', 'transcript_choice', 'candidate_sets',
+           'word_errors', 'paired_gap']
 
 # %% ../nbs/10b_interleaving.ipynb #04862b38
 @dataclass(frozen=True)
@@ -51,18 +52,19 @@ class InterleavingSizes:
     tts_items: int  # of those, how many are spoken in the few-shot TTS test
     shots: tuple  # few-shot example counts tried for ASR (the last one is used for TTS)
     temperature: float  # sampling temperature when generating units
+    transcription_repeats: int  # copies of each paired utterance's ASR and TTS pair in the multitask mix
 
 
 INTERLEAVING_SIZES = {
     "smoke": InterleavingSizes(paired_items=40, interleavings=2, switch_prob=0.3, text_docs=200, synthetic_sentences=200, block=384, steps=30,
                                batch_size=4, lr=3e-3, t2t_hidden=64, t2t_layers=2, t2t_spans=2, t2t_steps=60, t2t_batch_size=16,
-                               test_items=10, tts_items=4, shots=(0, 1, 3), temperature=0.7),
+                               test_items=10, tts_items=4, shots=(0, 1, 3), temperature=0.7, transcription_repeats=1),
     "course": InterleavingSizes(paired_items=300, interleavings=4, switch_prob=0.3, text_docs=3000, synthetic_sentences=3000, block=512,
                                 steps=200, batch_size=8, lr=2e-3, t2t_hidden=128, t2t_layers=3, t2t_spans=3, t2t_steps=500, t2t_batch_size=32,
-                                test_items=100, tts_items=40, shots=(0, 1, 3), temperature=0.7),
+                                test_items=100, tts_items=40, shots=(0, 1, 3), temperature=0.7, transcription_repeats=2),
     "full": InterleavingSizes(paired_items=1000, interleavings=3, switch_prob=0.3, text_docs=30_000, synthetic_sentences=30_000, block=1024,
                               steps=3000, batch_size=16, lr=1e-3, t2t_hidden=256, t2t_layers=4, t2t_spans=3, t2t_steps=4000, t2t_batch_size=64,
-                              test_items=385, tts_items=100, shots=(0, 1, 3, 5), temperature=0.7),
+                              test_items=385, tts_items=100, shots=(0, 1, 3, 5), temperature=0.7, transcription_repeats=2),
 }
 INTERLEAVING_VERSION = "1"
 
@@ -241,6 +243,17 @@ def interleaved_documents(vocab: SpeechTextVocab, utterances: Sequence[dict], # 
     rng = np.random.default_rng(seed)
     return [vocab.encode(utterance_spans(u["words"], u["bounds"], u["units"], interleave_plan(len(u["words"]), rng, switch_prob)))
             for u in utterances for _ in range(n_per_utterance)]
+
+
+def transcription_documents(vocab: SpeechTextVocab, utterances: Sequence[dict], # from `utterance`
+                            repeats: int = 1) -> list[list[int]]:
+    "Sentence-level pairs for a multitask mix (VoxtLM): [SPEECH]units[TEXT]transcript<end> (ASR) and [TEXT]transcript[SPEECH]units<end> (TTS), `repeats` of each."
+    if not isinstance(repeats, (int, np.integer)) or isinstance(repeats, bool) or repeats < 1: raise bad_arg("repeats", "an int >= 1", repeats)
+    docs = []
+    for u in utterances:
+        units = dedup(u["units"])[0]
+        docs += [vocab.encode([("speech", units), ("text", u["text"])]), vocab.encode([("text", u["text"]), ("speech", units)])] * int(repeats)
+    return docs
 
 
 def speech_documents(vocab: SpeechTextVocab, unit_seqs: Sequence) -> list[list[int]]:

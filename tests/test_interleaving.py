@@ -9,7 +9,7 @@ from speechllm_course.interleaving import (
     SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, candidate_sets, continue_pretraining, cross_modal_nll,
     expand_units, few_shot_asr, few_shot_tts, generate, interleave_plan, interleaved_documents, mean_run_lengths, new_text_to_token, pack_mix,
     pad_examples, paired_gap, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
-    text_to_token_examples, train_text_to_token, transcript_choice, tts_prompt, unit_error_rate, unit_token, utterance_halves, utterance_spans, word_errors,
+    text_to_token_examples, train_text_to_token, transcript_choice, transcription_documents, tts_prompt, unit_error_rate, unit_token, utterance_halves, utterance_spans, word_errors,
     word_frames)
 from speechllm_course.lm import load_llm, render, text_documents, tiny_llama_config, train_text_tokenizer
 from speechllm_course.supervised_tokens import error_rate
@@ -114,6 +114,20 @@ def test_documents_and_packing(vocab):
     blocks, counts = pack_mix(dict(speech=s * 10, text=t * 10), block=8, seed=0)
     assert blocks.shape[1] == 8 and counts == dict(speech=10 * len(s[0]), text=10 * len(t[0]))
     assert torch.equal(blocks, pack_mix(dict(speech=s * 10, text=t * 10), block=8, seed=0)[0])
+
+
+def test_transcription_documents_pair_each_utterance_both_ways(vocab):
+    u = fake_utterance("the red cat")
+    S, T, E = vocab.speech_id, vocab.text_id, vocab.end_id
+    units = vocab.units(dedup(u["units"])[0])
+    asr = [S, *units, T, *vocab.text("the red cat"), E]
+    tts = [T, *vocab.text("the red cat"), S, *units, E]
+    assert transcription_documents(vocab, [u]) == [asr, tts]
+    assert transcription_documents(vocab, [u], repeats=2) == [asr, tts, asr, tts]
+    two = transcription_documents(vocab, [u, fake_utterance("two dogs run")])
+    assert len(two) == 4 and two[:2] == [asr, tts] and two[2] != asr
+    # the ASR pair reads exactly like a zero-shot ASR prompt followed by the transcript
+    assert asr == asr_prompt(vocab, [], dedup(u["units"])[0]) + vocab.text("the red cat") + [E]
 
 
 def test_few_shot_prompts_are_exact(vocab):
@@ -270,6 +284,7 @@ def bad_calls(vocab, model):
         (lambda: utterance_spans(u["words"], u["bounds"][:2], u["units"], [("text", 0, 3)]), "bounds"),
         (lambda: utterance_spans(u["words"], u["bounds"], u["units"], [("text", 0, 1), ("speech", 2, 3)]), "plan"),
         (lambda: interleaved_documents(vocab, [u], 0), "n_per_utterance"),
+        (lambda: transcription_documents(vocab, [u], 0), "repeats"),
         (lambda: pack_mix({}, 8), "sources"),
         (lambda: asr_prompt(vocab, [(np.array([1]), "")], np.array([2])), r"shots\[0\]"),
         (lambda: tts_prompt(vocab, [(np.array([1]), "a"), ("units", "b")], "c"), r"shots\[1\]"),
