@@ -250,7 +250,9 @@ def transcription_documents(vocab: SpeechTextVocab, utterances: Sequence[dict], 
     "Sentence-level pairs for a multitask mix (VoxtLM): [SPEECH]units[TEXT]transcript<end> (ASR) and [TEXT]transcript[SPEECH]units<end> (TTS), `repeats` of each."
     if not isinstance(repeats, (int, np.integer)) or isinstance(repeats, bool) or repeats < 1: raise bad_arg("repeats", "an int >= 1", repeats)
     docs = []
-    for u in utterances:
+    for i, u in enumerate(utterances):
+        if not isinstance(u, dict) or not {"units", "text"} <= u.keys():
+            raise bad_arg(f"utterances[{i}]", "a dict with 'units' and 'text' (from `utterance`)", type(u).__name__ if not isinstance(u, dict) else sorted(u))
         units = dedup(u["units"])[0]
         docs += [vocab.encode([("speech", units), ("text", u["text"])]), vocab.encode([("text", u["text"]), ("speech", units)])] * int(repeats)
     return docs

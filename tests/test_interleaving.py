@@ -285,6 +285,8 @@ def bad_calls(vocab, model):
         (lambda: utterance_spans(u["words"], u["bounds"], u["units"], [("text", 0, 1), ("speech", 2, 3)]), "plan"),
         (lambda: interleaved_documents(vocab, [u], 0), "n_per_utterance"),
         (lambda: transcription_documents(vocab, [u], 0), "repeats"),
+        (lambda: transcription_documents(vocab, [u, dict(units=u["units"])]), r"utterances\[1\]"),
+        (lambda: transcription_documents(vocab, ["the red cat"]), r"utterances\[0\]"),
         (lambda: pack_mix({}, 8), "sources"),
         (lambda: asr_prompt(vocab, [(np.array([1]), "")], np.array([2])), r"shots\[0\]"),
         (lambda: tts_prompt(vocab, [(np.array([1]), "a"), ("units", "b")], "c"), r"shots\[1\]"),
