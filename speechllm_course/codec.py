@@ -136,6 +136,11 @@ class Codebook(nn.Module):
                 mask: torch.Tensor | None = None, # (B, T) True where a vector takes part in statistics and losses
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         "(quantized x with straight-through gradient, ids (B, T), loss)."
+        # in the codebook's own precision (float32) even under autocast: bf16 would blur the nearest-code search and
+        # break the EMA statistics
+        with torch.autocast(x.device.type, enabled=False): return self._quantize(x.to(self.codes.dtype), mask)
+
+    def _quantize(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         e = self.project(x)
         flat = (e.reshape(-1, e.shape[-1]) if mask is None else e[mask]).detach()
         if self.training and not bool(self.initialized) and len(flat): self._kmeans_init(flat)

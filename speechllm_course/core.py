@@ -364,10 +364,10 @@ def train(model: nn.Module, # the model to train (in place)
           **overrides, # any TrainConfig field, e.g. steps=200, lr=3e-4
          ) -> TrainHistory:
     "Train `model` on `data` with Accelerate: warm-up + cosine lr, accumulation, clipping, mixed precision, checkpoint/resume."
-    from tqdm.auto import tqdm
     if not isinstance(model, nn.Module): raise bad_arg("model", "a torch nn.Module", type(model).__name__)
     cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
     if not any(p.requires_grad for p in model.parameters()): raise bad_arg("model", "a model with trainable parameters", "all parameters frozen")
+    home = next(model.parameters()).device
     accelerator = _new_accelerator(cfg)
     seed_everything(cfg.seed)
     loader = _make_loader(data, cfg, collate_fn)
@@ -377,8 +377,17 @@ def train(model: nn.Module, # the model to train (in place)
                                       weight_decay=cfg.weight_decay, betas=cfg.betas)
     warm = cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, cfg.steps, warm, cfg.min_lr_ratio))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    try: return _train_loop(accelerator, prepared, optimizer, loader, scheduler, cfg, loss_fn, on_step, progress)
+    finally:
+        # hand the model back as it came: on its own device, without the autocast wrapper accelerate put on its forward
+        # (left there, every later call would run in bf16 on the GPU and fail on CPU inputs), and not marked as
+        # prepared (accelerate would skip the next train() call's device placement and mixed precision)
+        for m in {id(prepared): prepared, id(model): model}.values(): m.__dict__.pop("_is_accelerate_prepared", None)
+        accelerator.unwrap_model(prepared, keep_fp32_wrapper=False).to(home)
 
+def _train_loop(accelerator, model, optimizer, loader, scheduler, cfg: TrainConfig, loss_fn, on_step, progress) -> TrainHistory:
+    from tqdm.auto import tqdm
     history, start = TrainHistory(num_processes=accelerator.num_processes), 0
     ckpt_dir = Path(cfg.ckpt_dir) if cfg.ckpt_dir else None
     last = latest_checkpoint(ckpt_dir)

@@ -52,6 +52,20 @@ def test_ema_moves_codes_to_the_mean_of_their_vectors():
     assert not isinstance(cb.codes, torch.nn.Parameter)  # EMA codes are not trained by the optimiser
 
 
+def test_ema_update_runs_in_float32_under_bf16_autocast():
+    # the GPU path (train() uses bf16 autocast on CUDA) reproduced on the CPU: a bf16 input once broke the EMA update
+    cfg = QuantizerConfig(dim=8, levels=1, codebook_size=16, code_dim=4, ema=True, dead_code_threshold=0.1)
+    cb = Codebook(cfg).train()
+    x = blobs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3): q, ids, loss = cb(x.bfloat16())
+    assert cb.codes.dtype == cb.ema_sum.dtype == torch.float32 and torch.isfinite(cb.codes).all()
+    assert q.dtype == torch.float32 and torch.isfinite(loss)
+    cb.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16): ids_under_autocast = cb(x)[1]
+    assert torch.equal(ids_under_autocast, cb(x)[1]), "the code search must not depend on autocast"
+
+
 def test_l2_normalised_and_projected_lookup_shapes():
     cb = Codebook(QuantizerConfig(dim=8, levels=1, codebook_size=16, code_dim=3, l2_normalize=True)).eval()
     assert torch.allclose(cb.table().norm(dim=-1), torch.ones(16))

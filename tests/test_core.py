@@ -134,6 +134,29 @@ def test_train_deterministic_and_logs_extras():
     assert h3.losses != h1.losses, "the seed must matter (shuffling, dropout)"
 
 
+def test_train_hands_the_model_back_without_the_autocast_wrapper():
+    # on CUDA, mixed_precision='auto' means bf16 autocast; forcing bf16 on the CPU takes the same path here
+    m = _mlp()
+    core.train(m, _data(), loss_fn=_mse, steps=5, batch_size=8, mixed_precision="bf16", progress=False)
+    copy = _mlp().eval(); copy.load_state_dict(m.state_dict()); m.eval()
+    x = _data()[:8][0]
+    with torch.no_grad(): assert torch.equal(m(x), copy(x)), "after train() forward must run in float32 again"
+    assert next(m.parameters()).device.type == "cpu" and "_original_forward" not in m.__dict__
+    # accelerate's prepare() returns a model it has marked as prepared untouched: on CUDA a second train() of the same
+    # model (the codecs' two phases) would then leave it on the CPU while the batches went to the GPU
+    assert not getattr(m, "_is_accelerate_prepared", False)
+
+
+def test_train_hands_the_model_back_after_a_crash():
+    m = _mlp()
+    def crash(step, model): raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        core.train(m, _data(), loss_fn=_mse, steps=5, batch_size=8, mixed_precision="bf16", on_step=crash, progress=False)
+    copy = _mlp().eval(); copy.load_state_dict(m.state_dict()); m.eval()
+    x = _data()[:8][0]
+    with torch.no_grad(): assert torch.equal(m(x), copy(x))
+
+
 def test_train_nan_loss_is_reported():
     with pytest.raises(FloatingPointError, match="loss is nan"):
         core.train(_mlp(), _data(), loss_fn=lambda m, b: m(b[0]).sum() * float("nan"), steps=2, batch_size=8, progress=False)

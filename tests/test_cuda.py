@@ -151,7 +151,8 @@ def test_alignment_recipes_train_on_gpu(objective):
     from transformers import LlamaForCausalLM
     tok = train_text_tokenizer([render(d) for d in text_documents(300, seed=0)], vocab_size=200)
     torch.manual_seed(0)
-    m = token_ctc_speech_lm(LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=128)), tok, 24)
+    # placed on the GPU first: train() hands a model back on the device it came on
+    m = token_ctc_speech_lm(LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=128)), tok, 24).cuda()
     g = torch.Generator().manual_seed(0)
     ex = [dict(features=torch.randn(n, 24, generator=g), transcript=t, prompt="repeat after me: {}", reply=t)
           for n, t in zip((60, 44, 52, 70), ["the red cat sleeps", "two dogs run", "my horse eats", "the old bird has my lemon"])]
@@ -175,17 +176,18 @@ def test_generation_schemes_train_and_answer_on_gpu(scheme):
     torch.manual_seed(0)
     llm = LlamaForCausalLM(tiny_llama_config(tok, hidden=32, layers=1, heads=2, kv_heads=1, max_len=256))
     add_speech_tokens(tok, K, llm)
+    llm.cuda()  # placed on the GPU first: train() hands a model back on the device it came on
     prompt, g = answer_prompt_ids(tok), torch.Generator().manual_seed(0)
     audio = [torch.randn(n, 32, generator=g) for n in (5, 9, 7, 6)]
     answers = [("what is two plus two", "two plus two is four"), ("is one less than two", "yes, one is less than two")] * 2
     units = [np.arange(i, i + 40) % K for i in range(4)]  # streaming_thoughts needs a full speech chunk after each text chunk
     if scheme == "text_driven":
-        model = CTCUnitDecoder(32, K, upsample=25)
+        model = CTCUnitDecoder(32, K, upsample=25).cuda()
         ex = [dict(hidden=torch.randn(6, 32, generator=g), units=u) for u in units]
         hist = train_scheme(model, scheme, ex, prompt, tok.pad_token_id, steps=4, batch_size=4, progress=False, log_every=1)
         assert next(model.parameters()).is_cuda and len(model.decode(torch.randn(6, 32).cuda())) >= 0
     elif scheme.startswith("parallel"):
-        model = ParallelSpeechLM(llm, K, n_streams=2)
+        model = ParallelSpeechLM(llm, K, n_streams=2).cuda()
         ex = []
         for a, (q, t), u in zip(audio, answers, units):
             text, speech = model.streams(tok(t, add_special_tokens=False)["input_ids"], u, vocab.end_id, tok.pad_token_id, 2)
