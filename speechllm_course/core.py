@@ -363,7 +363,7 @@ def train(model: nn.Module, # the model to train (in place)
           progress: bool = True, # show a tqdm bar
           **overrides, # any TrainConfig field, e.g. steps=200, lr=3e-4
          ) -> TrainHistory:
-    "Train `model` on `data` with Accelerate: warm-up + cosine lr, accumulation, clipping, mixed precision, checkpoint/resume."
+    "Train `model` on `data` with Accelerate: warm-up + cosine lr, accumulation, clipping, mixed precision, checkpoint/resume; the model comes back on its own device."
     if not isinstance(model, nn.Module): raise bad_arg("model", "a torch nn.Module", type(model).__name__)
     cfg = dataclasses.replace(cfg or TrainConfig(), **overrides)
     if not any(p.requires_grad for p in model.parameters()): raise bad_arg("model", "a model with trainable parameters", "all parameters frozen")

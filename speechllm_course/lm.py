@@ -238,10 +238,10 @@ def load_llm(name_or_path: str | None = None, # None: the course's tiny LLM; els
 # %% ../nbs/08_lm.ipynb #dd3e3218
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> dict:
-    "Per-token and per-word perplexity of rendered texts (every token after the first is predicted)."
+    "Per-token and per-word perplexity of rendered texts (every token after the first is predicted), and each text's summed NLL."
     if not len(texts): raise bad_arg("texts", "at least one text", "none")
     model.eval()
-    nll, n_tok, n_words = 0.0, 0, 0
+    nll, n_tok, n_words, text_nats, text_tokens = 0.0, 0, 0, [], []
     for i in range(0, len(texts), batch_size):
         chunk = list(texts[i: i + batch_size])
         enc = tokenizer(chunk, add_special_tokens=False, return_tensors="pt", padding=True)
@@ -251,10 +251,13 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> 
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        # per text too, so that two models can be compared text by text (a paired standard error)
+        per_position = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        text_nats += per_position.sum(1).tolist(); text_tokens += (target != -100).sum(1).tolist()
         n_tok += int((target != -100).sum())
         n_words += sum(len(t.split()) for t in chunk)
     return dict(nats_per_token=nll / n_tok, token_perplexity=math.exp(nll / n_tok), word_perplexity=math.exp(nll / n_words),
-                tokens_per_word=n_tok / n_words)
+                tokens_per_word=n_tok / n_words, text_nats=text_nats, text_tokens=text_tokens)
 
 
 def ngram_perplexity(train_ids: Sequence[Sequence[int]], test_ids: Sequence[Sequence[int]], vocab: int, order: int = 1) -> float:

@@ -92,6 +92,12 @@ def test_perplexity_of_learned_text_is_low_and_ngram_baselines_are_sane(trained,
     assert perplexity(trained, tokenizer, [learned])["token_perplexity"] < perplexity(trained, tokenizer, [other])["token_perplexity"]
     p = perplexity(trained, tokenizer, [learned, other, learned])
     assert p["word_perplexity"] > 0 and p["tokens_per_word"] > 0
+    # per-text NLL: one entry per text, the same text scores the same in any batch position, and they add up to the total
+    assert len(p["text_nats"]) == len(p["text_tokens"]) == 3 and abs(p["text_nats"][0] - p["text_nats"][2]) < 1e-4
+    assert p["text_nats"][0] / p["text_tokens"][0] < p["text_nats"][1] / p["text_tokens"][1], "the learned text scores better"
+    assert abs(sum(p["text_nats"]) / sum(p["text_tokens"]) - p["nats_per_token"]) < 1e-5
+    alone = perplexity(trained, tokenizer, [other])
+    assert abs(alone["text_nats"][0] - p["text_nats"][1]) < 1e-3 and alone["text_tokens"][0] == p["text_tokens"][1]
     seq = [[1, 2, 3, 1, 2, 3, 1, 2, 3]] * 5
     assert ngram_perplexity(seq, seq, vocab=10, order=2) < ngram_perplexity(seq, seq, vocab=10, order=1)
 
