@@ -16,7 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .core import FRAME_RATE, bad_arg, train
 from .lm import LM_VERSION, pack_documents, tiny_llama_config
-from .supervised_tokens import edit_distance
+from .supervised_tokens import edit_distance, paired_gap, word_errors
 from .units import dedup
 
 # %% auto #0
@@ -27,8 +27,7 @@ __all__ = ['INTERLEAVING_SIZES', 'INTERLEAVING_VERSION', 'TEXT_MARKER', 'SPEECH_
            'train_text_to_token', 'cached_text_to_token', 'ModalityMask', 'generate', 'text_to_token',
            'unit_error_rate', 'mean_run_lengths', 'expand_units', 'synthetic_documents', 'speech_text_llm',
            'continue_pretraining', 'cached_interleaved_lm', 'target_nlls', 'utterance_halves', 'cross_modal_nll',
-           'asr_prompt', 'tts_prompt', 'few_shot_asr', 'few_shot_tts', 'transcript_choice', 'candidate_sets',
-           'word_errors', 'paired_gap']
+           'asr_prompt', 'tts_prompt', 'few_shot_asr', 'few_shot_tts', 'transcript_choice', 'candidate_sets']
 
 # %% ../nbs/10b_interleaving.ipynb #04862b38
 @dataclass(frozen=True)
@@ -633,22 +632,4 @@ def candidate_sets(truths: Sequence[str], # the right answer of each item
         sets.append([cands[o] for o in order]); answer.append(int(np.flatnonzero(order == 0)[0]))
     return sets, np.array(answer)
 
-
-def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> np.ndarray:
-    "Word edit distance of each hypothesis to its reference (their sum over the references' word count is the WER)."
-    if isinstance(refs, str) or isinstance(hyps, str) or len(refs) != len(hyps) or not len(refs):
-        raise bad_arg("hyps", f"{len(refs)} hypotheses (one per reference, at least one)", hyps if isinstance(hyps, str) else len(hyps))
-    return np.array([edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)], dtype=float)
-
-
-def paired_gap(scores: np.ndarray, baseline: np.ndarray, # per-item scores of two conditions on the same items
-               normalizer: float | None = None, # the difference is summed and divided by this (None: the item count, i.e. the mean)
-              ) -> tuple[float, float]:
-    "Difference of two paired per-item scores (e.g. 0/1 correct, or word errors over the total word count) and its standard error."
-    a, b = np.asarray(scores, dtype=float), np.asarray(baseline, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) < 2: raise bad_arg("baseline", f"per-item scores like `scores` (shape {a.shape}, at least 2 items)", b.shape)
-    norm = len(a) if normalizer is None else float(normalizer)
-    if not norm > 0: raise bad_arg("normalizer", "a positive number", normalizer)
-    d = a - b
-    return float(d.sum() / norm), float(np.sqrt(len(d)) * d.std(ddof=1) / norm)
 

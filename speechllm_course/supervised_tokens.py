@@ -23,8 +23,8 @@ from .units import KMeans
 
 # %% auto #0
 __all__ = ['CHARS', 'BLANK', 'TOKENIZER_SIZES', 'TOKEN_RATES', 'TOKENIZER_VERSION', 'text_to_ids', 'ids_to_text', 'ctc_best_path',
-           'ctc_greedy_decode', 'edit_distance', 'error_rate', 'SupervisedTokenizerConfig', 'VectorQuantizer',
-           'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder', 'SupervisedTokenizerOutput',
+           'ctc_greedy_decode', 'edit_distance', 'error_rate', 'word_errors', 'paired_gap', 'SupervisedTokenizerConfig',
+           'VectorQuantizer', 'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder', 'SupervisedTokenizerOutput',
            'SupervisedTokenizer', 'pad_features', 'pad_tokens', 'pad_labels', 'length_buckets', 'TokenizerSizes',
            'train_asr', 'pooled_encoder_outputs', 'with_quantizer', 'asr_examples', 'build_asr', 'load_asr',
            'build_tokenizer', 'load_tokenizer', 'TokenASR', 'train_token_asr', 'token_means', 'pool_frames',
@@ -90,6 +90,26 @@ def error_rate(refs: Sequence[str], hyps: Sequence[str], # references and hypoth
     total = sum(len(split(r)) for r in refs)
     if total == 0: raise bad_arg("refs", "references with at least one " + unit, refs[:3])
     return errors / total
+
+
+def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> np.ndarray:
+    "Word edit distance of each hypothesis to its reference (their sum over the references' word count is the WER)."
+    if isinstance(refs, str) or isinstance(hyps, str) or len(refs) != len(hyps) or not len(refs):
+        raise bad_arg("hyps", f"{len(refs)} hypotheses (one per reference, at least one)", hyps if isinstance(hyps, str) else len(hyps))
+    return np.array([edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)], dtype=float)
+
+
+def paired_gap(scores: np.ndarray, baseline: np.ndarray, # per-item scores of two conditions on the same items
+               normalizer: float | None = None, # the difference is summed and divided by this (None: the item count, i.e. the mean)
+              ) -> tuple[float, float]:
+    "Difference of two paired per-item scores (e.g. 0/1 correct, or word errors over the total word count) and its standard error."
+    a, b = np.asarray(scores, dtype=float), np.asarray(baseline, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2: raise bad_arg("baseline", f"per-item scores like `scores` (shape {a.shape}, at least 2 items)", b.shape)
+    norm = len(a) if normalizer is None else float(normalizer)
+    if not norm > 0: raise bad_arg("normalizer", "a positive number", normalizer)
+    d = a - b
+    return float(d.sum() / norm), float(np.sqrt(len(d)) * d.std(ddof=1) / norm)
+
 
 # %% ../nbs/05b_supervised_tokens.ipynb #16662123
 class SupervisedTokenizerConfig(PretrainedConfig):

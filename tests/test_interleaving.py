@@ -8,9 +8,10 @@ from transformers import LlamaForCausalLM
 from speechllm_course.interleaving import (
     SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, candidate_sets, continue_pretraining, cross_modal_nll,
     expand_units, few_shot_asr, few_shot_tts, generate, interleave_plan, interleaved_documents, mean_run_lengths, new_text_to_token, pack_mix,
-    pad_examples, paired_gap, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
-    text_to_token_examples, train_text_to_token, transcript_choice, transcription_documents, tts_prompt, unit_error_rate, unit_token, utterance_halves, utterance_spans, word_errors,
+    pad_examples, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
+    text_to_token_examples, train_text_to_token, transcript_choice, transcription_documents, tts_prompt, unit_error_rate, unit_token, utterance_halves, utterance_spans,
     word_frames)
+from speechllm_course.supervised_tokens import paired_gap, word_errors
 from speechllm_course.lm import load_llm, render, text_documents, tiny_llama_config, train_text_tokenizer
 from speechllm_course.supervised_tokens import error_rate
 from speechllm_course.units import dedup
