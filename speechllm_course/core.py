@@ -383,7 +383,7 @@ def train(model: nn.Module, # the model to train (in place)
         # hand the model back as it came: on its own device, without the autocast wrapper accelerate put on its forward
         # (left there, every later call would run in bf16 on the GPU and fail on CPU inputs), and not marked as
         # prepared (accelerate would skip the next train() call's device placement and mixed precision)
-        for m in {id(prepared): prepared, id(model): model}.values(): m.__dict__.pop("_is_accelerate_prepared", None)
+        for m in (prepared, model): m.__dict__.pop("_is_accelerate_prepared", None)
         accelerator.unwrap_model(prepared, keep_fp32_wrapper=False).to(home)
 
 def _train_loop(accelerator, model, optimizer, loader, scheduler, cfg: TrainConfig, loss_fn, on_step, progress) -> TrainHistory:

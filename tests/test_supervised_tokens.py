@@ -8,8 +8,8 @@ import torch
 from speechllm_course.core import HOP
 from speechllm_course.supervised_tokens import (
     BLANK, CHARS, SupervisedTokenizer, SupervisedTokenizerConfig, TokenASR, VectorQuantizer, block_causal_mask,
-    codebook_usage, ctc_greedy_decode, edit_distance, error_rate, ids_to_text, length_buckets, load_tokenizer, pad_tokens,
-    pool_frames, ssl_units, text_to_ids, token_means, train_asr, train_token_asr, with_quantizer)
+    codebook_usage, ctc_greedy_decode, edit_distance, error_rate, ids_to_text, length_buckets, load_tokenizer, pad_tokens, paired_gap,
+    pool_frames, ssl_units, text_to_ids, token_means, train_asr, train_token_asr, with_quantizer, word_errors)
 
 
 def small(**kw):
@@ -40,6 +40,23 @@ def test_error_rate_is_corpus_level_and_counts_insertions():
     assert error_rate(["a b", "c d e f"], ["a x", "c d e f"]) == pytest.approx(1 / 6)
     assert error_rate(["a"], ["a b c"]) == 2.0  # insertions can push WER above 1
     assert error_rate(["ab cd"], ["ab cd"], unit="char") == 0
+
+
+def test_word_errors_add_up_to_the_wer_and_paired_gaps_carry_a_standard_error():
+    refs, hyps = ["the red cat", "two dogs run fast"], ["the cat", "two dogs run fast"]
+    errors = word_errors(refs, hyps)
+    assert errors.tolist() == [1, 0] and errors.sum() / 7 == pytest.approx(error_rate(refs, hyps))
+    # 0/1 scores: the gap is the accuracy difference, its standard error that of the mean paired difference
+    gap, se = paired_gap(np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0]))
+    assert gap == pytest.approx(0.5) and se == pytest.approx(np.std([1, 0, 0, 1], ddof=1) / 2)
+    # a WER difference: per-clip errors summed over the total word count; its standard error scales the same way
+    gap, se = paired_gap(np.array([3.0, 1, 2]), np.array([1.0, 1, 0]), normalizer=10)
+    assert gap == pytest.approx(0.4) and se == pytest.approx(np.sqrt(3) * np.std([2, 0, 2], ddof=1) / 10)
+    for call, name in ((lambda: word_errors(["a b"], []), "hyps"), (lambda: word_errors("a b", "a b"), "hyps"),
+                       (lambda: paired_gap(np.ones(3), np.ones(4)), "baseline"), (lambda: paired_gap(np.ones(1), np.ones(1)), "baseline"),
+                       (lambda: paired_gap(np.ones(3), np.ones(3), normalizer=0), "normalizer")):
+        with pytest.raises(ValueError, match=name):
+            call()
 
 
 def test_ctc_greedy_merges_repeats_and_drops_blanks():
