@@ -28,7 +28,7 @@ __all__ = ['SAMPLE_RATE', 'ADAPTER_SIZES', 'ADAPTERS_VERSION', 'POSITION_SCALE',
            'ConvTransformerAdapter', 'CTCFrameClassifier', 'ctc_segments', 'pool_segments', 'character_ctc_loss',
            'CTCCompressAdapter', 'WindowQFormerAdapter', 'AlignFormerAdapter', 'make_adapter', 'SpeechLMConfig',
            'SpeechLMOutput', 'SpeechLM', 'speech_prompt', 'SpeechLMCollator', 'uses_ctc', 'train_speech_lm',
-           'speech_reply', 'evaluate_asr', 'cached_speech_lm']
+           'speech_reply', 'evaluate_asr', 'trained_budget_problem', 'cached_speech_lm']
 
 # %% ../nbs/09_adapters.ipynb #1885e189
 SAMPLE_RATE = 16_000
@@ -158,15 +158,16 @@ class AdapterSizes:
     min_lr_ratio: float  # final / peak learning rate: 1.0 keeps it constant after warm-up (short runs are still learning fast)
     event_items: int | None  # sound-event test clips scored (None: all; chapter 09b)
     event_repeats: int  # how many times the sound-event training clips appear in the dual-encoder mix (chapter 09b)
+    sound_mix_batch_size: int  # chapter 09b's sound-mix models (ASR + captions + event questions: three tasks per batch)
 
 
 ADAPTER_SIZES = {
     "smoke": AdapterSizes(train_items=300, steps=20, batch_size=16, lr=3e-3, test_items=24, ctc_steps=10, min_lr_ratio=1.0, event_items=24,
-                          event_repeats=1),
-    "course": AdapterSizes(train_items=None, steps=300, batch_size=64, lr=3e-3, test_items=None, ctc_steps=150, min_lr_ratio=1.0,
-                           event_items=None, event_repeats=3),
+                          event_repeats=1, sound_mix_batch_size=16),
+    "course": AdapterSizes(train_items=None, steps=300, batch_size=40, lr=3e-3, test_items=None, ctc_steps=150, min_lr_ratio=1.0,
+                           event_items=None, event_repeats=3, sound_mix_batch_size=64),
     "full": AdapterSizes(train_items=None, steps=3000, batch_size=64, lr=1e-3, test_items=None, ctc_steps=1000, min_lr_ratio=0.1,
-                         event_items=None, event_repeats=3),
+                         event_items=None, event_repeats=3, sound_mix_batch_size=64),
 }
 ADAPTERS_VERSION = f"1-lm{LM_VERSION}"  # a trained speech LM is stale once the LLM under it is retrained
 
@@ -702,6 +703,17 @@ def evaluate_asr(model: SpeechLM, tokenizer, features: Sequence[torch.Tensor], r
                       ms_per_utterance=1000 * seconds / len(features), real_time_factor=seconds / audio_seconds)
 
 
+def trained_budget_problem(path, # a cached speech LM's folder (its manifest records how it was trained)
+                           steps: int, batch_size: int, examples: int | None = None) -> str | None:
+    "Why the speech LM cached at `path` was trained with another budget than asked (None if it was not): the cache version names the recipe, not the sizes."
+    from pathlib import Path
+    from speechllm_course.core import load_json
+    info = load_json(Path(path) / "manifest.json").get("info", {})
+    want = dict(steps=steps, batch_size=batch_size) | ({} if examples is None else dict(examples=examples))
+    diff = {k: (info.get(k), v) for k, v in want.items() if info.get(k) != v}
+    return ", ".join(f"{k} {had} != {v}" for k, (had, v) in diff.items()) or None
+
+
 def cached_speech_lm(name: str, # artifact name, e.g. 'speech_lm_conv_pool'
                      make_model, # () -> a fresh SpeechLM with what must stay frozen frozen
                      tokenizer, examples: Sequence[dict], steps: int, batch_size: int, lr: float, ctc_steps: int = 0,
@@ -732,5 +744,9 @@ def cached_speech_lm(name: str, # artifact name, e.g. 'speech_lm_conv_pool'
 
     scale, version = scale or get_scale(), version or ADAPTERS_VERSION
     path = get_or_build(name, build, version=version, scale=scale)
+    # e.g. the scale's sizes changed since it was built; no examples (a caller that only loads) checks steps and batch only
+    if problem := trained_budget_problem(path, steps, batch_size, len(examples) or None):
+        if not len(examples): raise bad_arg("examples", f"the training examples: the cached {name} was trained with another budget ({problem})", "none")
+        path = get_or_build(name, build, version=version, scale=scale, rebuild=True)
     info = dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
     return SpeechLM.from_pretrained(path).eval(), info

@@ -97,7 +97,7 @@ def sound_mix_examples(asr_features: Sequence, asr_texts: Sequence[str], # ASR c
 
 
 def _train_sound_mix_lm(which: str, scale: str, progress: bool):
-    "Train the sound-mix model as this chapter does (ASR clips of chapter 09's budget + every training scene)."
+    "Train the sound-mix model as this chapter does (chapter 09's ASR clips and steps + every training scene)."
     from speechllm_course.adapters import ADAPTER_SIZES, SpeechLM, cached_speech_lm
     from speechllm_course.core import for_scale
     from speechllm_course.lm import load_llm
@@ -113,7 +113,7 @@ def _train_sound_mix_lm(which: str, scale: str, progress: bool):
     adapter, options = sound_mix_adapter(scale)
     make = lambda: SpeechLM.from_llm(load_llm(scale=scale)[0], tok, adapter, asr_f[0].shape[1], adapter_kwargs=options).freeze_llm().add_lora()
     examples = sound_mix_examples(asr_f, asr_train["text"], ev_f, events_train["caption"], events_train["labels"], sizes.event_repeats)
-    cached_speech_lm(SOUND_MIX_MODELS[which], make, tok, examples, sizes.steps, sizes.batch_size, sizes.lr, min_lr_ratio=sizes.min_lr_ratio,
+    cached_speech_lm(SOUND_MIX_MODELS[which], make, tok, examples, sizes.steps, sizes.sound_mix_batch_size, sizes.lr, min_lr_ratio=sizes.min_lr_ratio,
                      scale=scale, progress=progress)
 
 
@@ -121,12 +121,14 @@ def load_sound_mix_lm(which: str = "dual", # 'dual' (ASR + BEATs-style encoders)
                       scale: str | None = None, progress: bool = True):
     "(model, tokenizer): this chapter's sound-mix model (ASR + captions + event questions, LoRA merged), trained on first use."
     from transformers import AutoTokenizer
-    from speechllm_course.adapters import ADAPTERS_VERSION, SpeechLM
-    from speechllm_course.core import artifact_problem, data_root, get_scale
+    from speechllm_course.adapters import ADAPTER_SIZES, ADAPTERS_VERSION, SpeechLM, trained_budget_problem
+    from speechllm_course.core import artifact_problem, data_root, for_scale, get_scale
     if which not in SOUND_MIX_MODELS: raise bad_arg("which", f"one of {sorted(SOUND_MIX_MODELS)}", which)
     scale = scale or get_scale()
     path = data_root() / scale / SOUND_MIX_MODELS[which]
-    if artifact_problem(path, ADAPTERS_VERSION): _train_sound_mix_lm(which, scale, progress)  # a lock makes a concurrent build wait
+    sizes = for_scale(ADAPTER_SIZES, scale)
+    if artifact_problem(path, ADAPTERS_VERSION) or trained_budget_problem(path, sizes.steps, sizes.sound_mix_batch_size):
+        _train_sound_mix_lm(which, scale, progress)  # a lock makes a concurrent build wait
     from transformers.utils import logging as hf_logging
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # AutoTokenizer reads the folder's config.json, which is a SpeechLM's, and would warn about it

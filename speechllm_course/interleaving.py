@@ -26,8 +26,9 @@ __all__ = ['INTERLEAVING_SIZES', 'INTERLEAVING_VERSION', 'TEXT_MARKER', 'SPEECH_
            'text_documents_ids', 'pack_mix', 'text_to_token_examples', 'pad_examples', 'new_text_to_token',
            'train_text_to_token', 'cached_text_to_token', 'ModalityMask', 'generate', 'text_to_token',
            'unit_error_rate', 'mean_run_lengths', 'expand_units', 'synthetic_documents', 'speech_text_llm',
-           'continue_pretraining', 'cached_interleaved_lm', 'target_nlls', 'utterance_halves', 'cross_modal_nll',
-           'asr_prompt', 'tts_prompt', 'few_shot_asr', 'few_shot_tts', 'transcript_choice', 'candidate_sets']
+           'continue_pretraining', 'cached_interleaved_lm', 'target_nlls', 'shared_prefix_nlls', 'utterance_halves',
+           'cross_modal_nll', 'asr_prompt', 'tts_prompt', 'few_shot_asr', 'few_shot_tts', 'transcript_choice',
+           'candidate_sets']
 
 # %% ../nbs/10b_interleaving.ipynb #04862b38
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ INTERLEAVING_SIZES = {
                                batch_size=4, lr=3e-3, t2t_hidden=64, t2t_layers=2, t2t_spans=2, t2t_steps=60, t2t_batch_size=16,
                                test_items=10, tts_items=4, shots=(0, 1, 3), temperature=0.7, transcription_repeats=1),
     "course": InterleavingSizes(paired_items=300, interleavings=4, switch_prob=0.3, text_docs=3000, synthetic_sentences=3000, block=512,
-                                steps=200, batch_size=8, lr=2e-3, t2t_hidden=128, t2t_layers=3, t2t_spans=3, t2t_steps=500, t2t_batch_size=32,
+                                steps=150, batch_size=8, lr=2e-3, t2t_hidden=128, t2t_layers=3, t2t_spans=3, t2t_steps=350, t2t_batch_size=32,
                                 test_items=100, tts_items=40, shots=(0, 1, 3), temperature=0.7, transcription_repeats=2),
     "full": InterleavingSizes(paired_items=1000, interleavings=3, switch_prob=0.3, text_docs=30_000, synthetic_sentences=30_000, block=1024,
                               steps=3000, batch_size=16, lr=1e-3, t2t_hidden=256, t2t_layers=4, t2t_spans=3, t2t_steps=4000, t2t_batch_size=64,
@@ -526,6 +527,31 @@ def target_nlls(model, prefixes: Sequence[Sequence[int]], targets: Sequence[Sequ
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def shared_prefix_nlls(model, prefix: Sequence[int], targets: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
+    "Negative log-likelihood (nats) of each of several targets after one shared prefix, reading the prefix once (its key/value cache serves every target)."
+    if not len(prefix): raise bad_arg("prefix", "at least one token", "none")
+    if not len(targets) or any(not len(t) for t in targets): raise bad_arg("targets", "one or more non-empty token lists", [len(t) for t in targets])
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = len(prefix) + max(map(len, targets))
+    if context is not None and longest > context:
+        raise bad_arg("prefix", f"prefix + target within the model's context ({context} tokens)", f"{longest} tokens")
+    model.eval()
+    dev, P, L = model.device, len(prefix), max(map(len, targets))
+    read = model(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True)
+    first = F.log_softmax(read.logits[0, -1].float(), -1)  # predicts each target's first token
+    cache = read.past_key_values
+    cache.batch_repeat_interleave(len(targets))
+    ids = torch.full((len(targets), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(targets), P + L, dtype=torch.long)
+    mask[:, :P] = 1
+    for i, t in enumerate(targets): ids[i, : len(t)], mask[i, P: P + len(t)] = torch.as_tensor(list(t)), 1
+    logp = F.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache).logits.float(), -1)
+    out = [-first[t[0]] - logp[i, torch.arange(len(t) - 1, device=dev), torch.as_tensor(list(t[1:]), dtype=torch.long, device=dev)].sum()
+           for i, t in enumerate(targets)]
+    return torch.stack(out).cpu().numpy()
+
+
 def utterance_halves(vocab: SpeechTextVocab, u: dict) -> dict:
     "An utterance cut in the middle of its words: its first half as units and as text (behind their markers), its second half as text and units."
     k, (a, _), (_, z) = len(u["words"]) // 2, u["bounds"][0], u["bounds"][-1]
@@ -600,7 +626,7 @@ def few_shot_tts(model, vocab: SpeechTextVocab, shots_per_item: Sequence[Sequenc
 # %% ../nbs/10b_interleaving.ipynb #3ea156cd
 def transcript_choice(model, vocab: SpeechTextVocab, shots_per_item: Sequence[Sequence[tuple]], unit_seqs: Sequence,
                       candidates_per_item: Sequence[Sequence[str]], # the same number (>= 2) of candidate transcripts per clip
-                      batch_size: int = 32) -> np.ndarray:
+                      progress: bool = False) -> np.ndarray:
     "Few-shot ASR as a choice: the NLL (nats) of each candidate transcript, then the end token, after each clip's ASR prompt; (clips, candidates)."
     if len(shots_per_item) != len(unit_seqs): raise bad_arg("shots_per_item", f"one list of examples per clip ({len(unit_seqs)})", len(shots_per_item))
     if isinstance(candidates_per_item, str) or len(candidates_per_item) != len(unit_seqs):
@@ -612,10 +638,11 @@ def transcript_choice(model, vocab: SpeechTextVocab, shots_per_item: Sequence[Se
     for i, cands in enumerate(candidates_per_item):
         for j, t in enumerate(cands):
             if not isinstance(t, str) or not t.strip(): raise bad_arg(f"candidates_per_item[{i}][{j}]", "a non-empty transcript", t)
+    from tqdm.auto import tqdm
     prompts = [asr_prompt(vocab, s, u) for s, u in zip(shots_per_item, unit_seqs)]
-    prefixes = [p for p, cands in zip(prompts, candidates_per_item) for _ in cands]
-    targets = [vocab.text(t) + [vocab.end_id] for cands in candidates_per_item for t in cands]
-    return target_nlls(model, prefixes, targets, vocab.pad_id, batch_size).reshape(len(prompts), counts[0])
+    # the long prompt (examples + units) is read once per clip, not once per candidate: ~5x less compute with 5 candidates
+    return np.stack([shared_prefix_nlls(model, p, [vocab.text(t) + [vocab.end_id] for t in cands], vocab.pad_id)
+                     for p, cands in zip(tqdm(prompts, desc="transcript choice", disable=not progress, leave=False), candidates_per_item)])
 
 
 def candidate_sets(truths: Sequence[str], # the right answer of each item

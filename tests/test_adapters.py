@@ -228,3 +228,29 @@ def test_lora_trains_low_rank_updates_only_and_merges_into_a_plain_llm(tokenizer
     m.save_pretrained(tmp_path)
     with torch.no_grad(): torch.testing.assert_close(SpeechLM.from_pretrained(tmp_path).eval()(**b).logits, before, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="target_modules"): speech_lm(tokenizer).add_lora(target_modules=("query_key_value",))
+
+
+def test_cached_speech_lm_rebuilds_when_the_budget_changes(tokenizer, tmp_path, monkeypatch):
+    from speechllm_course.adapters import cached_speech_lm, trained_budget_problem
+    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path))
+    examples = [dict(features=f, instruction="repeat", target=t) for f, t in zip(feats([12, 9, 15, 7]), ["a b", "b", "a", "b a"])]
+    make = lambda: speech_lm(tokenizer).freeze_llm()
+    kw = dict(lr=1e-2, scale="smoke", progress=False)
+    _, info = cached_speech_lm("toy_speech_lm", make, tokenizer, examples, steps=3, batch_size=2, **kw)
+    path = tmp_path / "smoke" / "toy_speech_lm"
+    assert (info["steps"], info["batch_size"], info["examples"]) == (3, 2, 4)
+    assert trained_budget_problem(path, 3, 2, 4) is None
+    assert trained_budget_problem(path, 3, 4) == "batch_size 2 != 4"
+    built = path.joinpath("manifest.json").stat().st_mtime_ns
+    _, again = cached_speech_lm("toy_speech_lm", make, tokenizer, examples, steps=3, batch_size=2, **kw)
+    assert path.joinpath("manifest.json").stat().st_mtime_ns == built, "the same budget loads the cached model"
+    # the version names the recipe, not the sizes: a cached model trained with another budget must not be returned
+    _, other = cached_speech_lm("toy_speech_lm", make, tokenizer, examples, steps=3, batch_size=4, **kw)
+    assert other["batch_size"] == 4 and path.joinpath("manifest.json").stat().st_mtime_ns != built
+    _, fewer = cached_speech_lm("toy_speech_lm", make, tokenizer, examples[:2], steps=3, batch_size=4, **kw)
+    assert fewer["examples"] == 2
+    rebuilt = path.joinpath("manifest.json").stat().st_mtime_ns
+    _, loaded = cached_speech_lm("toy_speech_lm", make, tokenizer, [], steps=3, batch_size=4, **kw)  # a caller that only loads
+    assert loaded["examples"] == 2 and path.joinpath("manifest.json").stat().st_mtime_ns == rebuilt
+    with pytest.raises(ValueError, match=r"examples: expected the training examples: the cached toy_speech_lm was trained with another budget \(steps 3 != 5\)"):
+        cached_speech_lm("toy_speech_lm", make, tokenizer, [], steps=5, batch_size=4, **kw)

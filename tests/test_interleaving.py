@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 from speechllm_course.interleaving import (
     SPEECH_MARKER, TEXT_MARKER, SpeechTextVocab, add_speech_tokens, asr_prompt, candidate_sets, continue_pretraining, cross_modal_nll,
     expand_units, few_shot_asr, few_shot_tts, generate, interleave_plan, interleaved_documents, mean_run_lengths, new_text_to_token, pack_mix,
-    pad_examples, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
+    pad_examples, shared_prefix_nlls, speech_documents, speech_text_llm, synthetic_documents, target_nlls, text_documents_ids, text_to_token,
     text_to_token_examples, train_text_to_token, transcript_choice, transcription_documents, tts_prompt, unit_error_rate, unit_token, utterance_halves, utterance_spans,
     word_frames)
 from speechllm_course.lm import load_llm, render, text_documents, tiny_llama_config, train_text_tokenizer
@@ -172,16 +172,32 @@ def test_transcript_choice_scores_every_candidate_after_its_prompt(vocab):
     shots = [[(np.array([1, 2]), "the cat")], []]
     units = [np.array([3, 4]), np.array([5])]
     cands = [["the red cat", "two dogs run", "my horse"], ["a dog", "the cat", "my lemon"]]
-    nll = transcript_choice(model, vocab, shots, units, cands, batch_size=4)
+    nll = transcript_choice(model, vocab, shots, units, cands)
     assert nll.shape == (2, 3)
-    for i in range(2):
+    for i in range(2):  # the prompt read once and shared: the same scores as reading it with every candidate
         prompt = asr_prompt(vocab, shots[i], units[i])
         want = target_nlls(model, [prompt] * 3, [vocab.text(c) + [vocab.end_id] for c in cands[i]], vocab.pad_id)
-        assert np.allclose(nll[i], want, rtol=1e-5)
+        assert np.allclose(nll[i], want, rtol=1e-4)
     with pytest.raises(ValueError, match="candidates_per_item"):
         transcript_choice(model, vocab, shots, units, [["the cat"], ["a dog"]])
     with pytest.raises(ValueError, match="context"):  # a prompt past the model's context (256 here) is refused, not scored
         transcript_choice(model, vocab, [[(np.arange(K), "the cat")] * 20], units[:1], cands[:1])
+
+
+def test_shared_prefix_nlls_match_reading_the_prefix_with_each_target(vocab):
+    model = tiny_llm(vocab)
+    prefix = vocab.encode([("speech", np.array([1, 2, 3])), ("text", "the cat")])
+    targets = [vocab.text("a dog"), vocab.text("two red horses run"), [vocab.end_id]]  # different lengths: right-padded after the cache
+    got = shared_prefix_nlls(model, prefix, targets, vocab.pad_id)
+    want = target_nlls(model, [prefix] * 3, targets, vocab.pad_id)
+    assert got.shape == (3,) and np.allclose(got, want, rtol=1e-4) and (got > 0).all()
+    assert np.allclose(shared_prefix_nlls(model, prefix, targets[1:2], vocab.pad_id), want[1:2], rtol=1e-4)  # one target, no padding
+    with pytest.raises(ValueError, match="targets: expected one or more non-empty"):
+        shared_prefix_nlls(model, prefix, [vocab.text("a dog"), []], vocab.pad_id)
+    with pytest.raises(ValueError, match="prefix: expected at least one token"):
+        shared_prefix_nlls(model, [], targets, vocab.pad_id)
+    with pytest.raises(ValueError, match="prefix: expected prefix \\+ target within the model's context"):
+        shared_prefix_nlls(model, list(prefix) * 100, targets, vocab.pad_id)
 
 
 def test_choice_sets_are_seeded_and_hold_the_truth():
