@@ -16,7 +16,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .core import FRAME_RATE, bad_arg, train
 from .lm import LM_VERSION, pack_documents, tiny_llama_config
-from .supervised_tokens import edit_distance, paired_gap, word_errors
+from .supervised_tokens import edit_distance
 from .units import dedup
 
 # %% auto #0

@@ -208,7 +208,7 @@ def test_choice_sets_are_seeded_and_hold_the_truth():
     for truth, cands, a in zip(truths, sets, answer):
         assert cands[a] == truth and len(set(cands)) == 3 and set(cands) <= set(truths)
     assert len({int(a) for a in candidate_sets(truths * 20, n_choices=3, seed=2)[1]}) == 3  # the answer's slot varies
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_choices: expected an int from 2 to the number of distinct answers"):
         candidate_sets(["a", "b"], n_choices=3)
 
 
