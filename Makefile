@@ -12,7 +12,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: course test install nbtest pytest gpu-test export clean-nbs docs docs-check readme bench help
 
 help:
-	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass)"
+	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass; a rerun resumes, FRESH=1 starts over)"
 	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
 	@echo "make gpu-test - on a CUDA machine: pytest -m cuda, every chapter's full-scale training step (time, peak memory), every notebook on the GPU"
 	@echo "make docs     - build the docs site (Quarto if installed, else static HTML in _docs/)"
@@ -35,8 +35,9 @@ NB_WORKERS ?= 2
 # torch threads: never more, over all processes, than the cores we may use (tools/cpu_budget.py says why)
 THREADS = $${OMP_NUM_THREADS:-$$($(BIN)/python tools/cpu_budget.py --per $(1))}
 
+# a rerun resumes (chapters already executed from the same sources are skipped); FRESH=1 executes every chapter again
 course: $(STAMP)
-	t=$(call THREADS,1); SPEECHLLM_SCALE=$(SCALE) OMP_NUM_THREADS=$$t MKL_NUM_THREADS=$$t $(BIN)/python tools/run_course.py --scale $(SCALE)
+	t=$(call THREADS,1); SPEECHLLM_SCALE=$(SCALE) OMP_NUM_THREADS=$$t MKL_NUM_THREADS=$$t $(BIN)/python tools/run_course.py --scale $(SCALE) $(if $(FRESH),--fresh,)
 
 nbtest: $(STAMP)
 	t=$(call THREADS,$(NB_WORKERS)); echo "nbdev_test: $(NB_WORKERS) workers x $$t torch threads"; \

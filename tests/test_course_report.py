@@ -96,3 +96,52 @@ def test_the_runner_counts_what_a_chapter_built(tmp_path):
     assert run_course.artifacts_built_since(tmp_path, time.time() - 50) == {"new": 7.25}
     assert run_course.artifacts_built_since(tmp_path, past - 1) == {"new": 7.25, "old": 5.0}
     assert run_course.artifacts_built_since(tmp_path / "absent", 0) == {}
+
+
+def test_an_interrupted_course_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    "A rerun executes only what did not finish or changed since: a failed chapter, edited sources, edited package code."
+    import run_course
+    root, log = tmp_path / "course", tmp_path / "executions.log"
+    (root / "nbs").mkdir(parents=True)
+    (root / "speechllm_course").mkdir()
+    (root / "speechllm_course" / "lib.py").write_text("X = 1\n")
+    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "artifacts"))
+    mark = lambda stem: f"open({str(log)!r}, 'a').write('{stem}\\n')"
+    for stem in ("01_a", "02_b"): _chapter(root / "nbs", stem, stem.upper(), [(mark(stem), [])])
+    runs = lambda: log.read_text().split() if log.exists() else []
+    run = lambda *argv: run_course.main(["--scale", "smoke", *argv], root=root)
+
+    assert run() == 0 and runs() == ["01_a", "02_b"]
+    assert run() == 0 and runs() == ["01_a", "02_b"]  # both finished from these sources: nothing runs again
+    assert (root / "data" / "results" / "smoke" / "01_a.ipynb").exists()
+
+    _chapter(root / "nbs", "02_b", "B", [(mark("02_b"), []), ("y = 2", [])])  # an edited chapter runs again
+    assert run() == 0 and runs() == ["01_a", "02_b", "02_b"]
+    (root / "speechllm_course" / "lib.py").write_text("X = 2\n")  # so does every chapter after the package changes
+    assert run() == 0 and runs() == ["01_a", "02_b", "02_b", "01_a", "02_b"]
+    assert run("--only", "01") == 0 and runs()[-1] == "01_a"  # a chapter named with --only always runs
+    n = len(runs())
+    assert run("--fresh") == 0 and runs()[n:] == ["01_a", "02_b"]
+
+    # a chapter that fails after a good run is redone next time, even from the same sources
+    good = nbformat.read(root / "nbs" / "02_b.ipynb", as_version=4)
+    _chapter(root / "nbs", "02_b", "B", [(mark("02_b"), []), ("raise RuntimeError('disk full')", [])])
+    assert run() == 1
+    stored = json.loads((root / "data" / "results" / "smoke" / "results_files" / "chapters.json").read_text())
+    assert "source" not in stored["02_b"] and "source" in stored["01_a"]
+    nbformat.write(good, root / "nbs" / "02_b.ipynb")
+    n = len(runs())
+    assert run() == 0 and runs()[n:] == ["02_b"]
+
+
+def test_the_source_digest_ignores_outputs_and_sees_every_cell():
+    import run_course
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# T"), nbformat.v4.new_code_cell("x = 1")]
+    before = run_course.source_digest(nb)
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    nb.cells[1].metadata["tags"] = ["skip-execution"]
+    assert run_course.source_digest(nb) == before
+    nb.cells[0].source = "# T2"
+    assert run_course.source_digest(nb) != before
+    assert run_course.done_earlier(None, "smoke", before, Path("/nonexistent")) is False

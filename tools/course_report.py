@@ -134,9 +134,11 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
     return out
 
 
-def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: str | None = None, built: dict | None = None) -> dict:
+def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: str | None = None, built: dict | None = None,
+                   sources: dict | None = None) -> dict:
     """Merge one run's wall times into the page's stored timings (chapters not run keep their last record). `built`:
-    {chapter stem: {artifact: build seconds}}, the artifacts each chapter built in this run."""
+    {chapter stem: {artifact: build seconds}}, the artifacts each chapter built in this run; `sources`: {chapter stem:
+    {'source': digest, 'cells': digest}}, what the run executed (`run_course` resumes by them)."""
     files = out.with_name(f"{out.stem}_files")
     files.mkdir(parents=True, exist_ok=True)
     stored = files / TIMINGS
@@ -145,10 +147,24 @@ def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: 
         if stem == failed: continue
         timings[stem] = dict(seconds=s, scale=scale, hardware=hardware, date=time.strftime("%Y-%m-%d"))
         if built is not None and stem in built: timings[stem]["built"] = built[stem]
+        if sources is not None and stem in sources: timings[stem].update(sources[stem])
     tmp = files / f".{TIMINGS}.tmp"
     tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
     os.replace(tmp, stored)
     return timings
+
+
+def forget_sources(out: Path, stem: str) -> None:
+    """Drop what a stored timing says a chapter was executed from (after a failed rerun overwrote its executed copy), so
+    that `run_course` runs it again; its last wall time stays on the page."""
+    stored = out.with_name(f"{out.stem}_files") / TIMINGS
+    if not stored.exists(): return
+    timings = json.loads(stored.read_text())
+    if stem not in timings or not {"source", "cells"} & set(timings[stem]): return
+    for k in ("source", "cells"): timings[stem].pop(k, None)
+    tmp = stored.with_name(f".{TIMINGS}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
+    os.replace(tmp, stored)
 
 
 def main() -> int:

@@ -6,8 +6,14 @@ with --inplace, the page the docs show).
     python tools/run_course.py --scale course            # executed copies in data/results/course/
     python tools/run_course.py --scale course --inplace  # write outputs into nbs/ (what the repo commits)
     python tools/run_course.py --only 01 02              # a subset, by number prefix
+    python tools/run_course.py --scale course --fresh    # execute every chapter again, even those already done
+
+An interrupted or failed run resumes: a chapter that this runner already executed to the end at this scale, from the
+same chapter source and the same package code, is not executed again (its executed copy and recorded time stay);
+the chapters after it run as usual. Chapters named with --only always run.
 """
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -52,33 +58,66 @@ def _skip_eval_false(nb) -> list:
     return skipped
 
 
-def main() -> int:
+def source_digest(nb, package: Path | None = None) -> str:
+    """A digest of what a chapter's outputs depend on that a rerun could change: its cells' sources (not their outputs
+    or metadata) and, when given, the code of the package folder it imports."""
+    h = hashlib.sha256()
+    for cell in nb.cells:
+        h.update(f"{cell.cell_type}\0{cell.source}\0".encode())
+    if package is not None:
+        for py in sorted(package.glob("*.py")):
+            h.update(f"{py.name}\0".encode()); h.update(py.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def done_earlier(record: dict | None, scale: str, digest: str, executed: Path) -> bool:
+    """Whether a chapter needs no new run: its stored timing `record` says it ran to the end at `scale` from the
+    sources with `digest`, and its executed copy is still there with those sources."""
+    if not record or record.get("scale") != scale or record.get("source") != digest or not executed.exists():
+        return False
+    try: copy = nbformat.read(executed, as_version=4)
+    except Exception: return False  # an unreadable copy is no proof of a finished run
+    return source_digest(copy) == record.get("cells")
+
+
+def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default=os.environ.get("SPEECHLLM_SCALE", "course"), choices=["smoke", "course", "full"])
     ap.add_argument("--inplace", action="store_true", help="write the executed notebooks back into nbs/")
     ap.add_argument("--only", nargs="*", default=None, help="chapter number prefixes to run, e.g. 00 01")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
-    args = ap.parse_args()
+    ap.add_argument("--fresh", action="store_true", help="execute every chapter, also those an earlier run finished unchanged")
+    args = ap.parse_args(argv)
     os.environ["SPEECHLLM_SCALE"] = args.scale
 
-    chapters = sorted(p for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))
+    chapters = sorted(p for p in (root / "nbs").glob("[0-9][0-9]*_*.ipynb"))
     if args.only:
         chapters = [p for p in chapters if any(p.name.startswith(o) for o in args.only)]
     if not chapters:
         print("no chapters matched", file=sys.stderr)
         return 2
-    out_dir = ROOT / "data" / "results" / args.scale
+    out_dir = root / "data" / "results" / args.scale
     out_dir.mkdir(parents=True, exist_ok=True)
     from speechllm_course.core import data_root
     artifacts = data_root() / args.scale
     timings, built, failed = {}, {}, None
     sys.path.insert(0, str(ROOT / "tools"))
-    from course_report import record_timings, write_report
-    page = ROOT / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
+    from course_report import TIMINGS, forget_sources, record_timings, write_report
+    page = root / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
+    stored = page.with_name(f"{page.stem}_files") / TIMINGS
+    records = json.loads(stored.read_text()) if stored.exists() else {}
+    package = root / "speechllm_course"
+    resume = not (args.fresh or args.only)
     machine = hardware()
     print(f"running {len(chapters)} chapters at scale={args.scale} on {machine}")
     for nb_path in chapters:
         nb = nbformat.read(nb_path, as_version=4)
+        cells, digest = source_digest(nb), source_digest(nb, package)
+        executed = nb_path if args.inplace else out_dir / nb_path.name
+        if resume and done_earlier(records.get(nb_path.stem), args.scale, digest, executed):
+            r = records[nb_path.stem]
+            print(f"  {nb_path.name}: done on {r.get('date', '?')} ({r.get('seconds', 0):.0f} s) from the same sources; not run again (--fresh runs it)")
+            continue
         skipped = _skip_eval_false(nb)
         client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(nb_path.parent)}})
@@ -102,20 +141,22 @@ def main() -> int:
         print(f" {dt:7.1f} s" + (f" ({building:.0f} s building {len(built[nb_path.stem])} artifacts)" if built[nb_path.stem] else "")
               + ("  FAILED" if failed else ""))
         if failed:
+            forget_sources(page, nb_path.stem)  # its executed copy now holds the failure: the next run must redo it
             break
         # recorded as each chapter finishes, so an interrupted run keeps the times of the chapters it completed
-        record_timings(page, {nb_path.stem: timings[nb_path.stem]}, args.scale, machine, built=built)
-    write_report(ROOT / "nbs" if args.inplace else out_dir, page, args.scale, fallback=ROOT / "nbs")
-    print(f"results page: {page.relative_to(ROOT)}")
+        records = record_timings(page, {nb_path.stem: timings[nb_path.stem]}, args.scale, machine, built=built,
+                                 sources={nb_path.stem: dict(source=digest, cells=cells)})
+    write_report(root / "nbs" if args.inplace else out_dir, page, args.scale, fallback=root / "nbs")
+    print(f"results page: {page.relative_to(root)}")
     summary = dict(scale=args.scale, hardware=machine, date=time.strftime("%Y-%m-%d %H:%M"),
                    seconds=timings, total_seconds=round(sum(timings.values()), 1), built=built, failed=failed)
     tmp = out_dir / ".timings.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out_dir / "timings.json")
     print(f"total {summary['total_seconds']} s; executed notebooks: "
-          f"{'nbs/ (in place)' if args.inplace else out_dir.relative_to(ROOT)}; timings: {(out_dir / 'timings.json').relative_to(ROOT)}")
+          f"{'nbs/ (in place)' if args.inplace else out_dir.relative_to(root)}; timings: {(out_dir / 'timings.json').relative_to(root)}")
     if failed:
-        print(f"FAILED in {failed[0]}: {failed[1]} (the executed notebook with the traceback is in {out_dir.relative_to(ROOT)})", file=sys.stderr)
+        print(f"FAILED in {failed[0]}: {failed[1]} (the executed notebook with the traceback is in {out_dir.relative_to(root)})", file=sys.stderr)
         return 1
     return 0
 
