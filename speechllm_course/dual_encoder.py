@@ -17,7 +17,7 @@ from .lm import AUDIO_TOKEN
 
 # %% auto #0
 __all__ = ['CAPTION_PROMPT', 'EVENTS_PROMPT', 'SOUND_MIX_MODELS', 'DualSpeechEncoder', 'events_named', 'event_scores',
-           'load_dual_encoder', 'sound_mix_adapter', 'sound_mix_examples', 'load_sound_mix_lm']
+           'event_set_scores', 'load_dual_encoder', 'sound_mix_adapter', 'sound_mix_examples', 'load_sound_mix_lm']
 
 # %% ../nbs/09b_dual_encoder.ipynb #5fd5664b
 class DualSpeechEncoder(SpeechEncoder):
@@ -56,10 +56,16 @@ def events_named(text: str) -> set[str]:
 def event_scores(predictions: Sequence[str], labels: Sequence[Sequence[str]]) -> dict:
     "Micro precision / recall / F1 of the event kinds named in the predictions, and the share naming exactly the right set."
     if len(predictions) != len(labels): raise bad_arg("predictions", f"{len(labels)} texts (one per clip)", len(predictions))
+    return event_set_scores([events_named(p) for p in predictions], labels)
+
+
+def event_set_scores(named: Sequence[set], labels: Sequence[Sequence[str]]) -> dict:
+    "`event_scores` from the event sets already read off each prediction (`events_named`): resampling them is cheap."
+    if len(named) != len(labels): raise bad_arg("named", f"{len(labels)} event sets (one per clip)", len(named))
     if not len(labels): raise bad_arg("labels", "at least one clip", "none")
     tp = fp = fn = exact = 0
-    for p, l in zip(predictions, labels):
-        got, want = events_named(p), set(l)
+    for got, l in zip(named, labels):
+        got, want = set(got), set(l)
         tp, fp, fn, exact = tp + len(got & want), fp + len(got - want), fn + len(want - got), exact + (got == want)
     prec, rec = tp / max(1, tp + fp), tp / max(1, tp + fn)
     return dict(precision=prec, recall=rec, f1=2 * prec * rec / max(1e-9, prec + rec), exact=exact / len(labels))

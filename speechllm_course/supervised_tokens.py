@@ -23,12 +23,12 @@ from .units import KMeans
 
 # %% auto #0
 __all__ = ['CHARS', 'BLANK', 'TOKENIZER_SIZES', 'TOKEN_RATES', 'TOKENIZER_VERSION', 'text_to_ids', 'ids_to_text', 'ctc_best_path',
-           'ctc_greedy_decode', 'edit_distance', 'error_rate', 'word_errors', 'paired_gap', 'SupervisedTokenizerConfig',
-           'VectorQuantizer', 'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder', 'SupervisedTokenizerOutput',
-           'SupervisedTokenizer', 'pad_features', 'pad_tokens', 'pad_labels', 'length_buckets', 'TokenizerSizes',
-           'train_asr', 'pooled_encoder_outputs', 'with_quantizer', 'asr_examples', 'build_asr', 'load_asr',
-           'build_tokenizer', 'load_tokenizer', 'TokenASR', 'train_token_asr', 'token_means', 'pool_frames',
-           'ssl_units', 'codebook_usage']
+           'ctc_greedy_decode', 'edit_distance', 'error_rate', 'word_errors', 'paired_gap', 'paired_bootstrap',
+           'SupervisedTokenizerConfig', 'VectorQuantizer', 'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder',
+           'SupervisedTokenizerOutput', 'SupervisedTokenizer', 'pad_features', 'pad_tokens', 'pad_labels',
+           'length_buckets', 'TokenizerSizes', 'train_asr', 'pooled_encoder_outputs', 'with_quantizer', 'asr_examples',
+           'build_asr', 'load_asr', 'build_tokenizer', 'load_tokenizer', 'TokenASR', 'train_token_asr', 'token_means',
+           'pool_frames', 'ssl_units', 'codebook_usage']
 
 # %% ../nbs/05b_supervised_tokens.ipynb #95b7db98
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # the ASR alphabet; CTC's blank is id 0, CHARS[i] is id i + 1
@@ -109,6 +109,29 @@ def paired_gap(scores: np.ndarray, baseline: np.ndarray, # per-item scores of tw
     if not norm > 0: raise bad_arg("normalizer", "a positive number", normalizer)
     d = a - b
     return float(d.sum() / norm), float(np.sqrt(len(d)) * d.std(ddof=1) / norm)
+
+
+def paired_bootstrap(metric: Callable, # metric(outputs, references) -> float over a whole set (e.g. micro F1), not an item mean
+                     outputs: Sequence, baseline: Sequence, # two systems' outputs for the same items
+                     references: Sequence, # one reference per item
+                     n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """metric(outputs) - metric(baseline) on all items, and its standard error by the paired bootstrap: items drawn with
+    replacement, both systems scored on the same draw (Koehn 2004). For a metric that is a mean or ratio of per-item
+    scores, `paired_gap` gives the same without resampling."""
+    n = len(references)
+    if len(outputs) != n or len(baseline) != n:
+        raise bad_arg("baseline", f"{n} outputs for each system (one per reference)", f"{len(outputs)} and {len(baseline)}")
+    if n < 2: raise bad_arg("references", "at least 2 items", n)
+    if n_resamples < 2: raise bad_arg("n_resamples", "at least 2", n_resamples)
+    outputs, baseline, references = list(outputs), list(baseline), list(references)
+    gap = metric(outputs, references) - metric(baseline, references)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_resamples):
+        idx = rng.integers(n, size=n)
+        refs = [references[i] for i in idx]
+        draws.append(metric([outputs[i] for i in idx], refs) - metric([baseline[i] for i in idx], refs))
+    return float(gap), float(np.std(draws, ddof=1))
 
 
 # %% ../nbs/05b_supervised_tokens.ipynb #16662123

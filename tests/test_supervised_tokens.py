@@ -8,7 +8,7 @@ import torch
 from speechllm_course.core import HOP
 from speechllm_course.supervised_tokens import (
     BLANK, CHARS, SupervisedTokenizer, SupervisedTokenizerConfig, TokenASR, VectorQuantizer, block_causal_mask,
-    codebook_usage, ctc_greedy_decode, edit_distance, error_rate, ids_to_text, length_buckets, load_tokenizer, pad_tokens, paired_gap,
+    codebook_usage, ctc_greedy_decode, edit_distance, error_rate, ids_to_text, length_buckets, load_tokenizer, pad_tokens, paired_bootstrap, paired_gap,
     pool_frames, ssl_units, text_to_ids, token_means, train_asr, train_token_asr, with_quantizer, word_errors)
 
 
@@ -55,6 +55,32 @@ def test_word_errors_add_up_to_the_wer_and_paired_gaps_carry_a_standard_error():
     for call, name in ((lambda: word_errors(["a b"], []), "hyps"), (lambda: word_errors("a b", "a b"), "hyps"),
                        (lambda: paired_gap(np.ones(3), np.ones(4)), "baseline"), (lambda: paired_gap(np.ones(1), np.ones(1)), "baseline"),
                        (lambda: paired_gap(np.ones(3), np.ones(3), normalizer=0), "normalizer")):
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_the_paired_bootstrap_agrees_with_the_paired_gap_on_a_mean_and_names_bad_input():
+    rng = np.random.default_rng(3)
+    a, b = (rng.random(400) < 0.7).astype(float), (rng.random(400) < 0.6).astype(float)
+    accuracy = lambda outs, refs: float(np.mean([o == r for o, r in zip(outs, refs)]))
+    refs = np.ones(400)
+    gap, se = paired_bootstrap(accuracy, a, b, refs, n_resamples=2000, seed=0)
+    exact_gap, exact_se = paired_gap(a, b)
+    assert gap == pytest.approx(exact_gap) and se == pytest.approx(exact_se, rel=0.1)
+    # a set-level metric: micro F1 over predicted label sets, where no per-item mean exists
+    def micro_f1(preds, golds):
+        tp = sum(len(p & g) for p, g in zip(preds, golds)); fp = sum(len(p - g) for p, g in zip(preds, golds))
+        fn = sum(len(g - p) for p, g in zip(preds, golds))
+        return 2 * tp / max(1, 2 * tp + fp + fn)
+    golds = [{"bell", "beeps"}, {"siren"}, {"clicks"}, {"bell"}] * 20
+    good, bad = golds, [{"siren"}] * 80
+    gap, se = paired_bootstrap(micro_f1, good, bad, golds, n_resamples=200)
+    assert gap == pytest.approx(1 - micro_f1(bad, golds)) and 0 < se < gap / 4
+    assert paired_bootstrap(micro_f1, good, good, golds, n_resamples=50) == (0.0, 0.0)
+    assert paired_bootstrap(micro_f1, bad, good, golds, seed=1, n_resamples=50) == paired_bootstrap(micro_f1, bad, good, golds, seed=1, n_resamples=50)
+    for call, name in ((lambda: paired_bootstrap(micro_f1, good[:3], bad, golds), "baseline"),
+                       (lambda: paired_bootstrap(micro_f1, good[:1], bad[:1], golds[:1]), "references"),
+                       (lambda: paired_bootstrap(micro_f1, good, bad, golds, n_resamples=1), "n_resamples")):
         with pytest.raises(ValueError, match=name):
             call()
 
