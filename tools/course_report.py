@@ -148,10 +148,15 @@ def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: 
         timings[stem] = dict(seconds=s, scale=scale, hardware=hardware, date=time.strftime("%Y-%m-%d"))
         if built is not None and stem in built: timings[stem]["built"] = built[stem]
         if sources is not None and stem in sources: timings[stem].update(sources[stem])
-    tmp = files / f".{TIMINGS}.tmp"
+    _store_timings(stored, timings)
+    return timings
+
+
+def _store_timings(stored: Path, timings: dict) -> None:
+    "Write the stored timings atomically (a temp file renamed into place)."
+    tmp = stored.with_name(f".{TIMINGS}.tmp")
     tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
     os.replace(tmp, stored)
-    return timings
 
 
 def forget_sources(out: Path, stem: str) -> None:
@@ -162,9 +167,7 @@ def forget_sources(out: Path, stem: str) -> None:
     timings = json.loads(stored.read_text())
     if stem not in timings or not {"source", "cells"} & set(timings[stem]): return
     for k in ("source", "cells"): timings[stem].pop(k, None)
-    tmp = stored.with_name(f".{TIMINGS}.tmp")
-    tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
-    os.replace(tmp, stored)
+    _store_timings(stored, timings)
 
 
 def main() -> int:
