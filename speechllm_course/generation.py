@@ -20,7 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 from .core import bad_arg, train
 from .interleaving import SpeechTextVocab
 from .supervised_tokens import pad_features
-from .lm import AUDIO_TOKEN, chat
+from .lm import AUDIO_TOKEN, cache_kwargs, chat, returned_cache
 from .units import dedup
 
 # %% auto #0
@@ -258,8 +258,8 @@ def generate_sequence(llm, vocab: SpeechTextVocab, scheme: str, audio: Sequence[
     for s in range(0, len(audio), batch_size):
         idx = list(range(s, min(len(audio), s + batch_size)))
         embeds, mask, pos = _padded_prefix([prompt_embeds(llm, *prompt, audio[i]) for i in idx])
-        res = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, logits, written, done = res.past_key_values, res.logits[:, -1], [[] for _ in idx], [False] * len(idx)
+        res = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **cache_kwargs(llm))
+        past, logits, written, done = returned_cache(res), res.logits[:, -1], [[] for _ in idx], [False] * len(idx)
         for step in range(limit):
             allowed = torch.stack([grammar.allowed(w) for w in written]).to(logits.device)
             nxt = logits.float().masked_fill(~allowed, float("-inf")).argmax(-1)
@@ -271,8 +271,8 @@ def generate_sequence(llm, vocab: SpeechTextVocab, scheme: str, audio: Sequence[
             if all(done): break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos[:, -1:] + 1
-            res = llm(inputs_embeds=emb(nxt[:, None]), attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True)
-            past, logits = res.past_key_values, res.logits[:, -1]
+            res = llm(inputs_embeds=emb(nxt[:, None]), attention_mask=mask, position_ids=pos, **cache_kwargs(llm, past))
+            past, logits = returned_cache(res), res.logits[:, -1]
         for r, i in enumerate(idx): out[i] = written[r]
     return out
 
@@ -335,8 +335,8 @@ class ParallelSpeechLM(nn.Module):
         self.eval()
         embeds, mask, pos = _padded_prefix(list(prefixes))
         B, dev = len(prefixes), embeds.device
-        out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, h = out.past_key_values, out.last_hidden_state[:, -1]
+        out = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **cache_kwargs(self.llm.model))
+        past, h = returned_cache(out), out.last_hidden_state[:, -1]
         allowed = text_allowed.to(dev).clone(); allowed[[text_end, text_pad]] = True
         text_ids, units = [[] for _ in range(B)], [[[] for _ in range(self.n_streams)] for _ in range(B)]
         text_done, speech_done, first, finished = [False] * B, [[False] * self.n_streams for _ in range(B)], [None] * B, [None] * B
@@ -364,8 +364,8 @@ class ParallelSpeechLM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos[:, -1:] + 1
             out = self.llm.model(inputs_embeds=self.step_embeds(t[:, None], s[:, :, None]), attention_mask=mask, position_ids=pos,
-                                 past_key_values=past, use_cache=True)
-            past, h = out.past_key_values, out.last_hidden_state[:, -1]
+                                 **cache_kwargs(self.llm.model, past))
+            past, h = returned_cache(out), out.last_hidden_state[:, -1]
         merged = []
         for b in range(B):  # deal the streams back into one sequence: unit i came from stream i % n_streams
             seq = [u for group in zip_longest(*units[b]) for u in group if u is not None]
@@ -714,16 +714,16 @@ def text_driven_answer(llm, decoder: CTCUnitDecoder, audio: torch.Tensor, prompt
     llm.eval()
     emb = llm.get_input_embeddings()
     t0 = time.perf_counter()
-    out = llm.model(inputs_embeds=prompt_embeds(llm, *prompt, audio)[None], use_cache=True)
-    past, h = out.past_key_values, out.last_hidden_state[:, -1]
+    out = llm.model(inputs_embeds=prompt_embeds(llm, *prompt, audio)[None], **cache_kwargs(llm.model))
+    past, h = returned_cache(out), out.last_hidden_state[:, -1]
     ids, states, first_audio_s, pos = [], [], None, out.last_hidden_state.shape[1]
     for _ in range(max_text):
         t = int(llm.lm_head(h).argmax(-1))
         if t in stop: break
         ids.append(t)
-        out = llm.model(inputs_embeds=emb(torch.tensor([[t]], device=h.device)), past_key_values=past, use_cache=True,
+        out = llm.model(inputs_embeds=emb(torch.tensor([[t]], device=h.device)), **cache_kwargs(llm.model, past),
                         position_ids=torch.tensor([[pos]], device=h.device))
-        past, h, pos = out.past_key_values, out.last_hidden_state[:, -1], pos + 1
+        past, h, pos = returned_cache(out), out.last_hidden_state[:, -1], pos + 1
         states.append(h[0])
         if first_audio_s is None and len(states) == chunk and len(decoder.decode(torch.stack(states))):
             first_audio_s = time.perf_counter() - t0  # the first chunk's units exist: the causal decoder will not revise them
@@ -837,8 +837,8 @@ def duplex_listen(model: ParallelSpeechLM, prefix: torch.Tensor, # (P, H) start 
     dev = prefix.device
     u = torch.as_tensor(np.asarray(user), dtype=torch.long)
     if u.ndim != 1 or not len(u) or int(u.min()) < 0 or int(u.max()) > silence: raise bad_arg("user", f"a non-empty stream of ids in 0..{silence}", u.shape)
-    out = model.llm.model(inputs_embeds=prefix[None], use_cache=True)
-    past, h, pos = out.past_key_values, out.last_hidden_state[:, -1], prefix.shape[0]
+    out = model.llm.model(inputs_embeds=prefix[None], **cache_kwargs(model.llm.model))
+    past, h, pos = returned_cache(out), out.last_hidden_state[:, -1], prefix.shape[0]
     pad = model.llm.config.pad_token_id if model.llm.config.pad_token_id is not None else 0
     system = []
     allowed = torch.zeros(model.n_units + 2, dtype=torch.bool, device=dev); allowed[: silence + 1] = True
@@ -847,9 +847,9 @@ def duplex_listen(model: ParallelSpeechLM, prefix: torch.Tensor, # (P, H) start 
         system.append(s)
         speech = torch.zeros(1, model.n_streams, 1, dtype=torch.long, device=dev)
         speech[0, system_stream, 0], speech[0, user_stream, 0] = s, u[t]
-        out = model.llm.model(inputs_embeds=model.step_embeds(torch.tensor([[pad]], device=dev), speech), past_key_values=past, use_cache=True,
+        out = model.llm.model(inputs_embeds=model.step_embeds(torch.tensor([[pad]], device=dev), speech), **cache_kwargs(model.llm.model, past),
                               position_ids=torch.tensor([[pos]], device=dev))
-        past, h, pos = out.past_key_values, out.last_hidden_state[:, -1], pos + 1
+        past, h, pos = returned_cache(out), out.last_hidden_state[:, -1], pos + 1
     return np.array(system)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .core import FRAME_RATE, bad_arg, train
-from .lm import LM_VERSION, pack_documents, tiny_llama_config
+from .lm import LM_VERSION, cache_kwargs, pack_documents, returned_cache, tiny_llama_config
 from .supervised_tokens import edit_distance
 from .units import dedup
 
@@ -538,15 +538,15 @@ def shared_prefix_nlls(model, prefix: Sequence[int], targets: Sequence[Sequence[
         raise bad_arg("prefix", f"prefix + target within the model's context ({context} tokens)", f"{longest} tokens")
     model.eval()
     dev, P, L = model.device, len(prefix), max(map(len, targets))
-    read = model(input_ids=torch.tensor([list(prefix)], device=dev), use_cache=True)
+    read = model(input_ids=torch.tensor([list(prefix)], device=dev), **cache_kwargs(model))
     first = F.log_softmax(read.logits[0, -1].float(), -1)  # predicts each target's first token
-    cache = read.past_key_values
+    cache = returned_cache(read)
     cache.batch_repeat_interleave(len(targets))
     ids = torch.full((len(targets), L), pad_id, dtype=torch.long)
     mask = torch.zeros(len(targets), P + L, dtype=torch.long)
     mask[:, :P] = 1
     for i, t in enumerate(targets): ids[i, : len(t)], mask[i, P: P + len(t)] = torch.as_tensor(list(t)), 1
-    logp = F.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev), past_key_values=cache).logits.float(), -1)
+    logp = F.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev), **cache_kwargs(model, cache)).logits.float(), -1)
     out = [-first[t[0]] - logp[i, torch.arange(len(t) - 1, device=dev), torch.as_tensor(list(t[1:]), dtype=torch.long, device=dev)].sum()
            for i, t in enumerate(targets)]
     return torch.stack(out).cpu().numpy()

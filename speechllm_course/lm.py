@@ -5,9 +5,11 @@
 # %% ../nbs/08_lm.ipynb #e1d499d4
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -22,7 +24,7 @@ from .world import (COUNTED_KINDS, EVENT_KINDS, INSTRUMENTS, NOTE_NAMES, SCALE_S
 __all__ = ['AUDIO_TOKEN', 'ROLE_TOKENS', 'END_TOKEN', 'SPECIAL_TOKENS', 'CHAT_TEMPLATE', 'DOCUMENT_KINDS', 'LM_SIZES',
            'LM_VERSION', 'chat', 'sound_caption', 'text_documents', 'render', 'train_text_tokenizer', 'LMSizes',
            'tiny_llama_config', 'pack_documents', 'build_tiny_llm', 'ensure_speech_tokens', 'load_llm', 'perplexity',
-           'ngram_perplexity', 'stop_ids', 'reply']
+           'ngram_perplexity', 'stop_ids', 'reply', 'cache_kwargs', 'returned_cache']
 
 # %% ../nbs/08_lm.ipynb #a8aa3ba2
 AUDIO_TOKEN = "<|audio|>"  # where a speech LLM splices audio frames into the text (chapter 09)
@@ -305,3 +307,26 @@ def reply(model, tokenizer, prompts: Sequence[str], # user messages
     finally:
         tokenizer.padding_side = side
     return out
+
+# %% ../nbs/08_lm.ipynb #4ac0a986
+@lru_cache(maxsize=None)
+def _takes_cache_keyword(forward_owner: type) -> bool:
+    return "cache" in inspect.signature(forward_owner.forward).parameters
+
+
+def cache_kwargs(model, # a transformers model (a PEFT-wrapped one is read through to its base model)
+                 cache=None, # the cache a previous forward returned (`returned_cache`); None starts one
+                ) -> dict:
+    "Keywords that hand `cache` to `model`'s forward and ask for the updated one back, under the installed transformers' name."
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if _takes_cache_keyword(type(base)) else "past_key_values"
+    return {"use_cache": True} if cache is None else {name: cache, "use_cache": True}
+
+
+def returned_cache(output):
+    "The key/value cache a forward pass with `use_cache=True` returned (`cache` in recent transformers, `past_key_values` before)."
+    fields = getattr(output, "__dataclass_fields__", {})
+    if "cache" in fields: return output.cache
+    if "past_key_values" in fields: return output.past_key_values
+    raise bad_arg("output", "a transformers model output with a key/value cache", type(output).__name__)
+

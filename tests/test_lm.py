@@ -5,8 +5,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from speechllm_course.lm import (
-    AUDIO_TOKEN, END_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, chat, ensure_speech_tokens, load_llm, ngram_perplexity, pack_documents,
-    perplexity, render, reply, sound_caption, text_documents, tiny_llama_config, train_text_tokenizer)
+    AUDIO_TOKEN, END_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, cache_kwargs, chat, ensure_speech_tokens, load_llm, ngram_perplexity, pack_documents,
+    perplexity, render, reply, returned_cache, sound_caption, text_documents, tiny_llama_config, train_text_tokenizer)
 from speechllm_course.dual_encoder import events_named
 
 
@@ -108,6 +108,45 @@ def test_reply_restores_padding_side_and_batches_like_single_calls(trained, toke
     batched = reply(trained, tokenizer, prompts, batch_size=3, max_new_tokens=6)
     assert tokenizer.padding_side == side
     assert batched == [reply(trained, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]  # left padding changes nothing
+
+
+def test_cached_decoding_through_lora_matches_the_full_forward_without_deprecated_keywords(trained, tokenizer):
+    "Chapters 10b-13 decode with the cache through PEFT-wrapped LLMs: the keyword is read off the base model."
+    import warnings
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    lora = get_peft_model(LlamaForCausalLM(trained.config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    ids = torch.tensor([tokenizer("a red cat sleeps on the mat", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = lora(input_ids=ids[:, :2], **cache_kwargs(lora))
+        steps = [out.logits[:, -1]]
+        for t in range(2, ids.shape[1]):
+            out = lora(input_ids=ids[:, t: t + 1], **cache_kwargs(lora, returned_cache(out)))
+            steps.append(out.logits[:, -1])
+        full = lora(input_ids=ids).logits[0, 1:]
+    assert torch.allclose(torch.cat(steps), full, atol=1e-5)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_cache_keywords_follow_the_models_own_signature():
+    "transformers before the rename (the course allows >= 4.46) takes and returns the cache as past_key_values."
+    from dataclasses import dataclass
+
+    class OldStyleLM(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False): return input_ids
+
+    @dataclass  # shaped like an old ModelOutput (today's ModelOutput renames the field as it is built)
+    class OldStyleOutput:
+        logits: torch.Tensor = None
+        past_key_values: tuple = None
+
+    marker = object()
+    assert cache_kwargs(OldStyleLM(), marker) == {"past_key_values": marker, "use_cache": True}
+    assert cache_kwargs(OldStyleLM()) == {"use_cache": True}
+    assert returned_cache(OldStyleOutput(logits=torch.zeros(1), past_key_values=(marker,))) == (marker,)
+    with pytest.raises(ValueError, match="^output: expected a transformers model output"):
+        returned_cache(torch.zeros(1))
 
 
 def test_load_llm_round_trips_a_local_checkpoint(trained, tokenizer, tmp_path):
