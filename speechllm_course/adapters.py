@@ -5,8 +5,10 @@
 # %% ../nbs/09_adapters.ipynb #c83b36dc
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,9 +28,9 @@ __all__ = ['SAMPLE_RATE', 'ADAPTER_SIZES', 'ADAPTERS_VERSION', 'POSITION_SCALE',
            'SpeechEncoder', 'HubertSpeechEncoder', 'SupervisedSpeechEncoder', 'WhisperSpeechEncoder',
            'load_speech_encoder', 'AdapterSizes', 'AdapterOutput', 'frame_mask', 'StackMLPAdapter', 'ConvPoolAdapter',
            'ConvTransformerAdapter', 'CTCFrameClassifier', 'ctc_segments', 'pool_segments', 'character_ctc_loss',
-           'CTCCompressAdapter', 'WindowQFormerAdapter', 'AlignFormerAdapter', 'make_adapter', 'SpeechLMConfig',
-           'SpeechLMOutput', 'SpeechLM', 'speech_prompt', 'SpeechLMCollator', 'uses_ctc', 'train_speech_lm',
-           'speech_reply', 'evaluate_asr', 'trained_budget_problem', 'cached_speech_lm']
+           'CTCCompressAdapter', 'WindowQFormerAdapter', 'AlignFormerAdapter', 'make_adapter', 'quiet_peft_notice',
+           'SpeechLMConfig', 'SpeechLMOutput', 'SpeechLM', 'speech_prompt', 'SpeechLMCollator', 'uses_ctc',
+           'train_speech_lm', 'speech_reply', 'evaluate_asr', 'trained_budget_problem', 'cached_speech_lm']
 
 # %% ../nbs/09_adapters.ipynb #1885e189
 SAMPLE_RATE = 16_000
@@ -418,6 +420,15 @@ def make_adapter(name: str, in_dim: int, out_dim: int, **kwargs) -> nn.Module:
     if unknown: raise bad_arg("adapter_kwargs", f"options of {name}: {sorted(allowed)}", unknown)
     return ADAPTERS[name](in_dim, out_dim, **kwargs)
 
+# %% ../nbs/09_adapters.ipynb #6fc07595
+@contextlib.contextmanager
+def quiet_peft_notice():
+    "Wrap or load a model with `peft` without the FutureWarning PEFT raises by reading transformers' renamed `is_gradient_checkpointing` (PEFT's own code: nothing for the caller to change)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 # %% ../nbs/09_adapters.ipynb #714d71e9
 class SpeechLMConfig(PretrainedConfig):
     model_type = "speechllm_speech_lm"
@@ -487,7 +498,8 @@ class SpeechLM(PreTrainedModel):
         names = {n.split(".")[-1] for n, _ in self.llm.named_modules()}
         missing = sorted(set(target_modules) - names)
         if missing: raise bad_arg("target_modules", f"module names of the LLM, e.g. {sorted(n for n in names if n.endswith('proj'))}", missing)
-        self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout))
+        with quiet_peft_notice():
+            self.llm = get_peft_model(self.llm, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout))
         return self
 
     def merge_lora(self) -> "SpeechLM":

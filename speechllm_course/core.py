@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -303,6 +304,11 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike | None, # the run's checkpoint
     done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
 
+class _SharedTensorNotice(logging.Filter):
+    "Drops accelerate's notice that a shared tensor was stored once: the course's LMs tie input and output embeddings on purpose, and loading the state re-ties them (tests/test_core.py resumes a tied LM)."
+    def filter(self, record: logging.LogRecord) -> bool: return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK n] "
+
+
 def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, history: TrainHistory, keep: int = 2) -> None:
     "Save accelerate state + history; main process renames the finished folder into place."
     final = ckpt_dir / f"step-{step:06d}"
@@ -311,7 +317,10 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, history: TrainHisto
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    notices, quiet = logging.getLogger("accelerate.utils.other"), _SharedTensorNotice()
+    notices.addFilter(quiet)
+    try: accelerator.save_state(str(tmp))
+    finally: notices.removeFilter(quiet)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_json(dict(step=step, history=history.to_dict()), tmp / "trainer_state.json")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .core import bad_arg, train
+from .adapters import quiet_peft_notice
 from .lm import AUDIO_TOKEN, END_TOKEN, chat, stop_ids
 from .supervised_tokens import pad_features
 from .world import check_answer
@@ -550,7 +551,8 @@ def preference_policy(model, # a SpeechLM (chapter 09) or a causal LM: the start
     missing = sorted(set(target_modules) - names)
     if missing: raise bad_arg("target_modules", f"module names of the LLM, e.g. {sorted(n for n in names if n.endswith('proj'))}", missing)
     model.requires_grad_(False)
-    lora = get_peft_model(host, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0))
+    with quiet_peft_notice():
+        lora = get_peft_model(host, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0))
     if _is_speech_lm(model):
         model.llm = lora
         return model

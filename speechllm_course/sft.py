@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .adapters import ADAPTERS_VERSION, SpeechLM, speech_prompt, speech_reply
+from .adapters import ADAPTERS_VERSION, SpeechLM, quiet_peft_notice, speech_prompt, speech_reply
 from .core import bad_arg, train
 from .dual_encoder import event_scores
 from .lm import AUDIO_TOKEN, chat, perplexity, reply, text_documents
@@ -332,7 +332,8 @@ def load_sft_model(folder) -> tuple[SpeechLM, object]:
     folder = Path(folder)
     if not (folder / "config.json").is_file(): raise bad_arg("folder", "a folder written by save_sft_model", str(folder))
     model = SpeechLM.from_pretrained(str(folder))
-    if (folder / "lora").is_dir(): model.llm = PeftModel.from_pretrained(model.llm, str(folder / "lora"))
+    if (folder / "lora").is_dir():
+        with quiet_peft_notice(): model.llm = PeftModel.from_pretrained(model.llm, str(folder / "lora"))
     return model.eval(), AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
 
 

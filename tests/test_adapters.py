@@ -212,6 +212,28 @@ def test_whisper_encoder_from_a_local_checkpoint_feeds_a_speech_lm(tokenizer, tm
     with pytest.raises(ValueError, match=r"wavs\[0\]"): enc.features([np.full(800, np.nan, np.float32)])
 
 
+def _peft_wrap_warnings():
+    "Warnings from wrapping a Llama with peft directly, without quiet_peft_notice."
+    import warnings
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(llm, LoraConfig(r=2, target_modules=["q_proj"]))
+    return caught
+
+
+def test_add_lora_keeps_peft_s_own_deprecation_notice_out_of_the_learner_s_output(tokenizer):
+    import warnings
+    notice = lambda ws: [w for w in ws if "is_gradient_checkpointing" in str(w.message)]
+    if not notice(_peft_wrap_warnings()): pytest.skip("this peft no longer raises the notice: quiet_peft_notice can go")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        speech_lm(tokenizer, "stack_mlp").freeze_llm().add_lora(r=4, alpha=8)
+    assert not notice(caught)
+
+
 def test_lora_trains_low_rank_updates_only_and_merges_into_a_plain_llm(tokenizer, tmp_path):
     m = speech_lm(tokenizer, "stack_mlp").freeze_llm().add_lora(r=4, alpha=8)
     names = [n for n, p in m.named_parameters() if p.requires_grad]

@@ -169,3 +169,34 @@ def test_resume_finished_run_is_noop(tmp_path):
     h = core.train(m, _data(), loss_fn=_mse, steps=10, batch_size=8, log_every=5, ckpt_dir=str(ck), progress=False)
     assert h.resumed_from == 10 and len(h.losses) == 2
     assert not torch.equal(m[0].weight, _mlp()[0].weight), "the finished weights must be loaded"
+
+
+def test_a_tied_embedding_lm_resumes_to_the_uninterrupted_weights_without_the_shared_tensor_notice(tmp_path, caplog):
+    "The course's LMs tie lm_head to the input embeddings: the checkpoint stores the shared tensor once and a resume re-ties it."
+    import logging
+    from transformers import LlamaConfig, LlamaForCausalLM
+    conf = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True)
+    def make():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(conf)
+    g = torch.Generator().manual_seed(0)
+    data = [dict(input_ids=ids, labels=ids) for ids in torch.randint(40, (48, 12), generator=g)]
+    kw = dict(steps=12, batch_size=8, lr=1e-2, log_every=4, progress=False)
+    class Crash(Exception): pass
+    def crash_at_8(step, model):
+        if step == 8: raise Crash
+    ck = tmp_path / "ck"
+    with caplog.at_level(logging.WARNING), pytest.raises(Crash):
+        core.train(make(), data, ckpt_dir=str(ck), ckpt_every=4, on_step=crash_at_8, **kw)
+    assert core.latest_checkpoint(ck).name == "step-000008"
+    assert not [r for r in caplog.records if "shared tensor" in r.getMessage()]
+    resumed = make()
+    h = core.train(resumed, data, ckpt_dir=str(ck), ckpt_every=4, **kw)
+    whole = make()
+    core.train(whole, data, **kw)
+    assert h.resumed_from == 8
+    assert resumed.lm_head.weight is resumed.model.embed_tokens.weight  # still one tensor after loading
+    for (n, p), q in zip(resumed.named_parameters(), whole.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), f"{n} differs from the uninterrupted run"
+    assert not torch.equal(resumed.model.embed_tokens.weight, make().model.embed_tokens.weight)
