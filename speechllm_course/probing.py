@@ -300,8 +300,9 @@ class ContinuousInputLM(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
         self.input_dim, self.n_units = input_dim, n_units
         self.proj = nn.Linear(input_dim, dim)
+        # frames come in as embeddings, so no begin/end token: GPT-2's defaults (50256) would lie outside the unit vocabulary
         self.lm = GPT2LMHeadModel(GPT2Config(vocab_size=n_units, n_positions=max_len, n_embd=dim, n_layer=layers, n_head=heads,
-                                             resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1))
+                                             resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=None, eos_token_id=None))
 
     def forward(self, frames: torch.Tensor, # (B, T, input_dim)
                 attention_mask: torch.Tensor, # (B, T) 1 = real frame

@@ -310,7 +310,9 @@ def make_unit_lm(vocab_size: int, cfg: UnitLMConfig = UnitLMConfig()):
     conf = GPT2Config(vocab_size=vocab_size + 2, n_positions=cfg.max_len, n_embd=cfg.dim, n_layer=cfg.layers, n_head=cfg.heads,
                       bos_token_id=vocab_size, eos_token_id=vocab_size + 1, pad_token_id=vocab_size + 1,
                       resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
-    return GPT2LMHeadModel(conf)
+    model = GPT2LMHeadModel(conf)
+    model.loss_type = "ForCausalLM"  # transformers reads the loss off the class name, and "LMHeadModel" names none
+    return model
 
 
 def _lm_batch(seqs: Sequence[Sequence[int]], vocab_size: int, max_len: int) -> dict:
@@ -327,7 +329,7 @@ def _lm_batch(seqs: Sequence[Sequence[int]], vocab_size: int, max_len: int) -> d
 
 def train_unit_lm(train_seqs: Sequence[Sequence[int]], vocab_size: int, cfg: UnitLMConfig = UnitLMConfig(), seed: int = 0,
                   progress: bool = True):
-    "Train a unit LM on token sequences; returns (model, TrainHistory)."
+    "Train a unit LM on token sequences; returns (model, TrainHistory). `seed` fixes the batch order and dropout; the initial weights come from torch's global generator, so seed it first (`seed_everything`) for a run that repeats."
     if not train_seqs: raise bad_arg("train_seqs", "at least one sequence", "none")
     model = make_unit_lm(vocab_size, cfg)
     hist = train(model, list(train_seqs), steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, warmup=0.1,

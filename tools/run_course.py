@@ -34,6 +34,7 @@ def kernel_config():
     if os.name != "posix": return Config()
     from jupyter_core.paths import jupyter_runtime_dir
     runtime = Path(jupyter_runtime_dir())
+    if len(str(runtime)) > 80: return Config()  # a Unix socket path must stay under ~104 bytes: TCP as before
     runtime.mkdir(parents=True, exist_ok=True)
     # an absolute socket path: the kernel starts in the chapter's folder, the runner in the repository
     return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime / f"course-{os.getpid()}")}})
