@@ -28,18 +28,6 @@ from nbclient.exceptions import CellExecutionError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def kernel_config():
-    "Kernels reached over local IPC sockets where the OS has them: no TCP port stays open while a chapter runs for hours."
-    from traitlets.config import Config
-    if os.name != "posix": return Config()
-    from jupyter_core.paths import jupyter_runtime_dir
-    runtime = Path(jupyter_runtime_dir())
-    if len(str(runtime)) > 80: return Config()  # a Unix socket path must stay under ~104 bytes: TCP as before
-    runtime.mkdir(parents=True, exist_ok=True)
-    # an absolute socket path: the kernel starts in the chapter's folder, the runner in the repository
-    return Config({"KernelManager": {"transport": "ipc", "ip": str(runtime / f"course-{os.getpid()}")}})
-
-
 def hardware() -> str:
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -131,7 +119,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
             print(f"  {nb_path.name}: done on {r.get('date', '?')} ({r.get('seconds', 0):.0f} s) from the same sources; not run again (--fresh runs it)")
             continue
         skipped = _skip_eval_false(nb)
-        client = NotebookClient(nb, config=kernel_config(), timeout=args.timeout, kernel_name="python3",
+        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
                                 resources={"metadata": {"path": str(nb_path.parent)}})
         t0, started = time.perf_counter(), time.time()
         print(f"  {nb_path.name} ...", end="", flush=True)
