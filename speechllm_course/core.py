@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -98,6 +99,9 @@ def pick_device(prefer: str | torch.device | None = None, # 'cuda', 'mps', 'cpu'
     return torch.device("cpu")
 
 # %% ../nbs/00_core.ipynb #a843683e
+_UMASK = os.umask(0o022); os.umask(_UMASK)  # read once at import: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, # the file to (over)write
                  mode: str = "wb", # 'wb' or 'w'
@@ -108,6 +112,8 @@ def atomic_write(path: str | os.PathLike, # the file to (over)write
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600): give it the mode a plain open() would, or the file's own when replacing one
+        os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **open_kw) as f:
             yield f
             f.flush()
@@ -304,9 +310,9 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike | None, # the run's checkpoint
     done = sorted(p for p in Path(ckpt_dir).glob("step-*") if (p / "trainer_state.json").is_file())
     return done[-1] if done else None
 
-class _SharedTensorNotice(logging.Filter):
+def _not_the_shared_tensor_notice(record: logging.LogRecord) -> bool:
     "Drops accelerate's notice that a shared tensor was stored once: the course's LMs tie input and output embeddings on purpose, and loading the state re-ties them (tests/test_core.py resumes a tied LM)."
-    def filter(self, record: logging.LogRecord) -> bool: return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK n] "
+    return "Removed shared tensor" not in record.getMessage()  # accelerate prefixes "[RANK n] "
 
 
 def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, history: TrainHistory, keep: int = 2) -> None:
@@ -317,10 +323,10 @@ def _save_checkpoint(accelerator, ckpt_dir: Path, step: int, history: TrainHisto
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    notices, quiet = logging.getLogger("accelerate.utils.other"), _SharedTensorNotice()
-    notices.addFilter(quiet)
+    notices = logging.getLogger("accelerate.utils.other")
+    notices.addFilter(_not_the_shared_tensor_notice)
     try: accelerator.save_state(str(tmp))
-    finally: notices.removeFilter(quiet)
+    finally: notices.removeFilter(_not_the_shared_tensor_notice)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_json(dict(step=step, history=history.to_dict()), tmp / "trainer_state.json")

@@ -319,6 +319,7 @@ def cache_kwargs(model, # a transformers model (a PEFT-wrapped one is read throu
                 ) -> dict:
     "Keywords that hand `cache` to `model`'s forward and ask for the updated one back, under the installed transformers' name."
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not callable(getattr(base, "forward", None)): raise bad_arg("model", "a transformers model (with a forward method)", type(model).__name__)
     name = "cache" if _takes_cache_keyword(type(base)) else "past_key_values"
     return {"use_cache": True} if cache is None else {name: cache, "use_cache": True}
 

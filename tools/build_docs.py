@@ -11,7 +11,6 @@ built from nbs/sidebar.yml, so the site can still be read and checked in a brows
 import argparse
 import base64
 import html
-import os
 import re
 import shutil
 import subprocess
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import nbformat
 import yaml
+
+from speechllm_course.core import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS, OUT = ROOT / "nbs", ROOT / "_docs"
@@ -110,9 +111,7 @@ def write_readme() -> Path:
         elif c.cell_type == "code":
             parts.append(f"```python\n{c.source}\n```")
     text = "<!-- generated from nbs/index.ipynb by `make readme`: edit the notebook, not this file -->\n\n" + "\n\n".join(parts) + "\n"
-    tmp = ROOT / ".README.md.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, ROOT / "README.md")
+    with atomic_write(ROOT / "README.md", "w", encoding="utf-8") as f: f.write(text)
     return ROOT / "README.md"
 
 

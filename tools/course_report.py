@@ -24,6 +24,8 @@ from pathlib import Path
 
 import nbformat
 
+from speechllm_course.core import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 MARK = re.compile(r"^#\s*report:\s*(headline|claims)\b", re.M)
 TIMINGS = "chapters.json"
@@ -66,9 +68,7 @@ def marked_outputs(nb, stem: str, files: Path, link_prefix: str) -> list[str]:
             if "image/png" in data:
                 n_fig += 1
                 name = f"{stem}-{n_fig}.png"
-                tmp = files / f".{name}.tmp"
-                tmp.write_bytes(base64.b64decode("".join(data["image/png"])))
-                os.replace(tmp, files / name)
+                with atomic_write(files / name) as f: f.write(base64.b64decode("".join(data["image/png"])))
                 parts.append(f"![{stem}: figure {n_fig}]({link_prefix}{name})")
             elif "text/html" in data:
                 parts.append("".join(data["text/html"]).strip())
@@ -128,9 +128,7 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
             "afresh every run (06's collapse experiment, 05's grid of unit LMs) are not cached and count as wall time, not building.\n\n"
             f"| chapter | title | scale | wall time | of which building | run on | hardware |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\nTotal recorded wall time at `{scale}`: {_minutes(total)}.\n")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(head + "\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    with atomic_write(out, "w", encoding="utf-8") as f: f.write(head + "\n" + "\n\n".join(sections) + "\n")
     return out
 
 
@@ -153,10 +151,7 @@ def record_timings(out: Path, seconds: dict, scale: str, hardware: str, failed: 
 
 
 def _store_timings(stored: Path, timings: dict) -> None:
-    "Write the stored timings atomically (a temp file renamed into place)."
-    tmp = stored.with_name(f".{TIMINGS}.tmp")
-    tmp.write_text(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
-    os.replace(tmp, stored)
+    with atomic_write(stored, "w") as f: f.write(json.dumps(dict(sorted(timings.items())), indent=1) + "\n")
 
 
 def forget_sources(out: Path, stem: str) -> None:
