@@ -31,7 +31,7 @@ from torch import nn
 __all__ = ['SAMPLE_RATE', 'FRAME_RATE', 'HOP', 'SCALES', 'MANIFEST', 'bad_arg', 'n_frames', 'get_scale', 'for_scale',
            'seed_everything', 'pick_device', 'atomic_write', 'save_json', 'load_json', 'torch_save', 'data_root',
            'load_manifest', 'artifact_problem', 'get_or_build', 'TrainConfig', 'warmup_cosine', 'TrainHistory',
-           'latest_checkpoint', 'train']
+           'latest_checkpoint', 'auto_mixed_precision', 'train']
 
 # %% ../nbs/00_core.ipynb #0d428ad8
 def bad_arg(name: str, # the argument's name, as the caller wrote it
@@ -241,7 +241,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of `lr` (cosine decay)
     grad_accum: int = 1  # micro-batches per optimiser step
     clip: float | None = 1.0  # max global gradient norm (None: no clipping)
-    mixed_precision: str = "auto"  # 'auto' (bf16 on CUDA, else none), 'no', 'bf16' or 'fp16'
+    mixed_precision: str = "auto"  # 'auto' (see `auto_mixed_precision`: bf16 on CUDA, else none), 'no', 'bf16' or 'fp16'
     batch_size: int = 16  # per-process batch size when `data` is a dataset, not a DataLoader
     log_every: int = 50  # steps between log lines
     ckpt_dir: str | None = None  # where checkpoints go (None: no checkpoints)
@@ -355,11 +355,21 @@ def _batch_size(batch) -> int:
     first = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (list, tuple)) else batch
     return len(first)
 
+def auto_mixed_precision(cpu: bool = False, # True when the run is forced onto the CPU
+                        ) -> str:
+    "What `mixed_precision='auto'` means here: `$SPEECHLLM_MIXED_PRECISION` if set, else bf16 on a CUDA GPU that has it, else 'no'."
+    chosen = os.environ.get("SPEECHLLM_MIXED_PRECISION", "").strip().lower()
+    if chosen:
+        if chosen not in ("no", "bf16", "fp16"): raise bad_arg("SPEECHLLM_MIXED_PRECISION", "'no', 'bf16' or 'fp16'", chosen)
+        return chosen
+    # a GPU without bf16 (Colab's T4, a V100) trains in float32: fp16 would need loss scaling tuned per model
+    return "bf16" if (torch.cuda.is_available() and not cpu and torch.cuda.is_bf16_supported()) else "no"
+
 def _new_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     mp = cfg.mixed_precision
-    if mp == "auto": mp = "bf16" if (torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported()) else "no"
+    if mp == "auto": mp = auto_mixed_precision(cfg.cpu)
     # a notebook calls train() many times with different settings; accelerate keeps a per-process singleton
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()

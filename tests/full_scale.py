@@ -8,7 +8,8 @@ step takes there. Multiplying by the recipe's step count gives a projected train
 preparation, k-means and evaluation, and says so wherever it is printed.
 
 `tests/test_cuda.py` runs every case on a GPU (`pytest -m cuda`); `python tests/full_scale.py --only 08` runs cases
-on whatever device this machine has (one step each on a CPU: a check that the full configs build and train at all).
+on whatever device this machine has (one step each on a CPU: a check that the full configs build and train at all);
+with `SPEECHLLM_MIXED_PRECISION=no` it measures them in float32, as a GPU without bf16 (a T4) trains them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import torch
 # A single 24 GB card (an L4, an A10, an RTX 4090) is the smallest GPU `full` is meant to run on; 10% stays free
 # for the CUDA context and the allocator's fragmentation.
 FULL_SCALE_BUDGET_GIB = 21.6
+# A GPU without bf16 trains in float32 (`core.auto_mixed_precision`); Colab's T4 has 15 GiB, 10% kept free likewise.
+T4_BUDGET_GIB = 13.5
 
 
 @dataclass(frozen=True)
@@ -90,16 +93,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def over_budget(rows: list[dict], budget_gib: float) -> list[str]:
+    "The rows that fail a run: a non-finite loss, or a peak over `budget_gib` (a CPU row has no peak: only its loss counts)."
+    return [f"{r['chapter']} {r['case']}: peak {r['peak_gib']:.2f} GiB, finite loss {r['finite']}" for r in rows
+            if not r["finite"] or r["peak_gib"] > budget_gib]
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="chapters to run (default: all)")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per case")
     ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--budget-gib", type=float, default=None,
+                    help=f"exit 1 if a case's loss is not finite or its peak exceeds this (e.g. {FULL_SCALE_BUDGET_GIB}, or {T4_BUDGET_GIB} in float32)")
     args = ap.parse_args()
     rows = []
     for c in all_cases():
         if args.only and c.chapter not in args.only: continue
         print(f"{c.chapter} {c.name} ...", flush=True)
         rows.append(measure(c, args.steps, args.warmup))
+        record(rows[-1])
         print(json.dumps(rows[-1]), flush=True)
     print(markdown_table(rows))
+    if args.budget_gib is not None:
+        if not torch.cuda.is_available(): print(f"no GPU here: peak memory not measured, the {args.budget_gib} GiB budget not checked")
+        over = over_budget(rows, args.budget_gib)
+        if over: sys.exit(f"over the {args.budget_gib} GiB budget or not finite:\n" + "\n".join(over))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from full_scale import FullScaleCase, all_cases, markdown_table, measure  # noqa: E402
+from full_scale import T4_BUDGET_GIB, FullScaleCase, all_cases, markdown_table, measure, over_budget  # noqa: E402
 
 CHAPTERS = {re.match(r"(\d+[a-z]?)_", p.name).group(1) for p in (Path(__file__).parents[1] / "nbs").glob("[0-9]*.ipynb")}
 
@@ -34,3 +34,9 @@ def test_a_case_that_logs_no_loss_is_not_finite():
     class NoHistory: losses = []
     row = measure(FullScaleCase("00", "silent", 10, lambda: (lambda steps: NoHistory())), timed_steps=1, warmup_steps=0)
     assert row["finite"] is False
+
+
+def test_the_budget_check_names_each_case_over_it_or_not_finite():
+    row = lambda case, peak, finite=True: dict(chapter="08", case=case, peak_gib=peak, finite=finite)
+    rows = [row("fits", 10.6), row("too big", 13.6), row("diverged", 1.0, finite=False), row("cpu", float("nan"))]
+    assert over_budget(rows, T4_BUDGET_GIB) == ["08 too big: peak 13.60 GiB, finite loss True", "08 diverged: peak 1.00 GiB, finite loss False"]
