@@ -362,7 +362,7 @@ def auto_mixed_precision(cpu: bool = False, # True when the run is forced onto t
     if chosen:
         if chosen not in ("no", "bf16", "fp16"): raise bad_arg("SPEECHLLM_MIXED_PRECISION", "'no', 'bf16' or 'fp16'", chosen)
         return chosen
-    # a GPU without bf16 (Colab's T4, a V100) trains in float32: fp16 would need loss scaling tuned per model
+    # a GPU without bf16 (Colab's T4, a V100) trains in float32: fp16 is opt-in, its narrow range can overflow
     return "bf16" if (torch.cuda.is_available() and not cpu and torch.cuda.is_bf16_supported()) else "no"
 
 def _new_accelerator(cfg: TrainConfig):
