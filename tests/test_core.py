@@ -147,6 +147,25 @@ def test_train_hands_the_model_back_without_the_autocast_wrapper():
     assert not getattr(m, "_is_accelerate_prepared", False)
 
 
+@pytest.mark.parametrize("chosen, autocast_expected", [(None, False), ("bf16", True), ("no", False)])
+def test_speechllm_mixed_precision_reaches_train_auto(monkeypatch, chosen, autocast_expected):
+    "`mixed_precision='auto'` follows $SPEECHLLM_MIXED_PRECISION (every chapter trains with 'auto'); bf16 on the CPU takes the CUDA path's autocast."
+    if chosen is None: monkeypatch.delenv("SPEECHLLM_MIXED_PRECISION", raising=False)
+    else: monkeypatch.setenv("SPEECHLLM_MIXED_PRECISION", chosen)
+    seen = set()
+    def noting_autocast(m, b):
+        seen.add(torch.is_autocast_enabled("cpu"))
+        return _mse(m, b)
+    core.train(_mlp(), _data(), loss_fn=noting_autocast, steps=3, batch_size=8, progress=False)
+    assert seen == {autocast_expected}
+
+
+def test_a_bad_speechllm_mixed_precision_is_named(monkeypatch):
+    monkeypatch.setenv("SPEECHLLM_MIXED_PRECISION", "fp32")
+    with pytest.raises(ValueError, match="SPEECHLLM_MIXED_PRECISION.*'no', 'bf16' or 'fp16'.*fp32"):
+        core.train(_mlp(), _data(), loss_fn=_mse, steps=1, batch_size=8, progress=False)
+
+
 def test_train_hands_the_model_back_after_a_crash():
     m = _mlp()
     def crash(step, model): raise KeyboardInterrupt
