@@ -145,3 +145,23 @@ def test_the_source_digest_ignores_outputs_and_sees_every_cell():
     nb.cells[0].source = "# T2"
     assert run_course.source_digest(nb) != before
     assert run_course.done_earlier(None, "smoke", before, Path("/nonexistent")) is False
+
+
+def test_the_runner_talks_to_its_kernels_encrypted_where_jupyter_client_can(tmp_path, capfd, monkeypatch):
+    "ipykernel 7 warns, once per chapter, that plain TCP is readable by anyone on the machine: the runner gives each kernel CurveZMQ keys instead."
+    import run_course
+    km = run_course.kernel_manager()
+    if not km.has_trait("curve_publickey"): return  # an older jupyter_client: nothing to provision, nothing warned
+    assert km.curve_publickey and km.curve_secretkey and km.curve_publickey != km.curve_secretkey
+    assert run_course.kernel_manager().curve_secretkey != km.curve_secretkey  # a fresh pair per chapter
+    root = tmp_path / "course"
+    (root / "nbs").mkdir(parents=True)
+    (root / "speechllm_course").mkdir()
+    _chapter(root / "nbs", "01_a", "A", [("print(6 * 7)", [])])
+    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "artifacts"))
+    capfd.readouterr()
+    assert run_course.main(["--scale", "smoke"], root=root) == 0
+    err = capfd.readouterr().err
+    assert "without encryption" not in err, err
+    executed = nbformat.read(root / "data" / "results" / "smoke" / "01_a.ipynb", as_version=4)
+    assert executed.cells[1].outputs[0]["text"] == "42\n"

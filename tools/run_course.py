@@ -46,6 +46,18 @@ def artifacts_built_since(root: Path, since: float) -> dict:
     return built
 
 
+def kernel_manager():
+    """A manager for each chapter's kernel. Where jupyter_client can provision CurveZMQ keys (8.10+), the kernel and
+    this runner talk encrypted, and ipykernel 7 no longer warns once per chapter that its traffic is plain text; an
+    older jupyter_client gets the plain local TCP kernel it always had."""
+    from jupyter_client import KernelManager
+    km = KernelManager(kernel_name="python3")
+    if km.has_trait("curve_publickey"):
+        import zmq
+        km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
+    return km
+
+
 def _skip_eval_false(nb) -> list:
     "Tag the cells nbdev and Quarto leave unexecuted (`#| eval: false`: GPU-only or online-only code) so nbclient skips them too."
     skipped = []
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
             print(f"  {nb_path.name}: done on {r.get('date', '?')} ({r.get('seconds', 0):.0f} s) from the same sources; not run again (--fresh runs it)")
             continue
         skipped = _skip_eval_false(nb)
-        client = NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+        client = NotebookClient(nb, km=kernel_manager(), timeout=args.timeout,
                                 resources={"metadata": {"path": str(nb_path.parent)}})
         t0, started = time.perf_counter(), time.time()
         print(f"  {nb_path.name} ...", end="", flush=True)
