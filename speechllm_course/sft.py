@@ -318,7 +318,9 @@ def save_sft_model(model: SpeechLM, tokenizer, folder) -> None:
     folder = Path(folder)
     plain = model
     if hasattr(model.llm, "peft_config"):
-        model.llm.save_pretrained(str(folder / "lora"))
+        # the (resized) embeddings are saved with the SpeechLM below; peft's "auto" would store them again in the
+        # adapter, with a warning, whenever the LLM was read from a folder or the Hub (and asks the Hub which)
+        model.llm.save_pretrained(str(folder / "lora"), save_embedding_layers=False)
         plain = copy.deepcopy(model)
         plain.llm = plain.llm.unload()  # the base weights without the LoRA layers (nothing merged)
     plain.save_pretrained(str(folder))

@@ -168,9 +168,11 @@ def test_per_modality_lora_refuses_mixed_batches_and_models_without_lora(tokeniz
 
 # ---------------------------------------------------------------- save / load
 
-def test_fine_tuned_model_with_lora_and_tags_saves_and_loads(tokenizer, tmp_path):
+def test_fine_tuned_model_with_lora_and_tags_saves_and_loads(tokenizer, tmp_path, recwarn):
     tok = copy.deepcopy(tokenizer)
     m = speech_lm(tok)
+    m.llm.config.save_pretrained(tmp_path / "base")  # an LLM read from a folder, as chapter 12's is, which peft compares the resized vocabulary with
+    m.llm.name_or_path = str(tmp_path / "base")
     added = add_task_tags(m, tok)
     assert added == tag_tokens() and len(tok) == m.llm.get_input_embeddings().weight.shape[0] == m.config.text_config["vocab_size"]
     assert all(len(tok(t, add_special_tokens=False)["input_ids"]) == 1 for t in added)
@@ -179,6 +181,10 @@ def test_fine_tuned_model_with_lora_and_tags_saves_and_loads(tokenizer, tmp_path
     assert add_task_tags(m, tok) == []  # idempotent
     m = with_trained_lora(m)
     save_sft_model(m, tok, tmp_path / "sft")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "sft" / "lora" / "adapter_model.safetensors"), "pt") as f:
+        assert f.keys() and all("lora_" in k for k in f.keys()), list(f.keys())  # the LoRA only: the embeddings live in the SpeechLM's own file
+    assert not [w for w in recwarn if "save_embedding_layers" in str(w.message)]
     again, again_tok = load_sft_model(tmp_path / "sft")
     assert hasattr(again.llm, "disable_adapter") and len(again_tok) == len(tok)  # the LoRA is still separate, the tags still there
     b = SftCollator(tok)([dict(features=f, instruction=TASK_TAGS["asr"], target="a cat") for f in feats([12, 8])])
