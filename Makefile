@@ -9,12 +9,13 @@ SCALE ?= course
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course test install nbtest pytest gpu-test export clean-nbs docs docs-check readme bench help
+.PHONY: course test install nbtest pytest gpu-test test-lowest export clean-nbs docs docs-check readme bench help
 
 help:
 	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass; a rerun resumes, FRESH=1 starts over)"
 	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
 	@echo "make gpu-test - on a CUDA machine: pytest -m cuda, every chapter's full-scale training step (time, peak memory), every notebook on the GPU, full-scale peak memory in float32"
+	@echo "make test-lowest - the tests again in a separate venv with the lowest version of every requirement settings.ini allows"
 	@echo "make docs     - build the docs site (Quarto if installed, else static HTML in _docs/)"
 	@echo "make docs-check - build the docs, open every page in headless Chromium, fail on a blank page, a missing figure or chapter"
 	@echo "make readme   - regenerate README.md from nbs/index.ipynb"
@@ -54,6 +55,10 @@ test: $(STAMP)
 # results land in $$OUT (default /tmp/gpu_suite); bench/RESULTS.md records the last lent-GPU run
 gpu-test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash tools/gpu_suite.sh
+
+# the requirement floors, tested (a separate venv under /tmp; needs PyPI)
+test-lowest:
+	bash tools/test_lowest.sh
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

@@ -115,7 +115,7 @@ def load_spoken_qa(split: str = "train", scale: str | None = None, progress: boo
     if split not in ("train", "test"): raise bad_arg("split", "'train' or 'test'", split)
     scale = scale or get_scale()
     path = get_or_build("spoken_qa_tokens", lambda d: build_spoken_qa(d, scale, progress), version=GENERATION_VERSION, scale=scale)
-    return torch.load(path / f"{split}.pt")
+    return torch.load(path / f"{split}.pt", weights_only=True)  # tensors, strings and numbers only: nothing to unpickle
 
 
 @torch.no_grad()
@@ -767,7 +767,7 @@ def load_parallel(folder) -> ParallelSpeechLM:
     from speechllm_course.core import load_json
     cfg = load_json(f"{folder}/parallel.json")
     model = ParallelSpeechLM(AutoModelForCausalLM.from_pretrained(f"{folder}/llm"), cfg["n_units"], cfg["n_streams"])
-    model.load_state_dict(torch.load(f"{folder}/speech.pt"), strict=False)
+    model.load_state_dict(torch.load(f"{folder}/speech.pt", weights_only=True), strict=False)
     return model.eval()
 
 # %% ../nbs/11_generation.ipynb #33db97af

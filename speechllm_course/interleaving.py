@@ -76,7 +76,7 @@ def training_units(rows, # SpeechWorld ASR train rows (with 'n_samples'), in spl
     from speechllm_course.resynth import RESYNTH_VERSION, build_unit_to_speech
     scale = scale or get_scale()
     path = get_or_build("unit_to_speech", lambda d: build_unit_to_speech(d, scale, progress=progress), version=RESYNTH_VERSION, scale=scale)
-    units = [u.long().numpy() for u in torch.load(path / "train_units.pt")["units"]]
+    units = [u.long().numpy() for u in torch.load(path / "train_units.pt", weights_only=True)["units"]]
     if len(units) > len(rows): raise bad_arg("rows", f"at least the {len(units)} utterances chapter 07 tokenized", len(rows))
     for i, (u, n) in enumerate(zip(units, rows["n_samples"])):
         if len(u) != int(n) // 320: raise RuntimeError(f"chapter 07's units of utterance {i} have {len(u)} frames, the clip has {int(n) // 320}: rebuild chapter 07")

@@ -16,7 +16,7 @@ def test_two_process_replicas_identical(tmp_path):
            str(WORKER), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2, "both processes must have joined one process group"
     assert r0["num_processes"] == r1["num_processes"] == 2, "train() must have run data-parallel"
     assert torch.equal(r0["params"], r1["params"]), "replicas diverged"
