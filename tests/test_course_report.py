@@ -150,8 +150,12 @@ def test_the_source_digest_ignores_outputs_and_sees_every_cell():
 def test_the_runner_talks_to_its_kernels_encrypted_where_jupyter_client_can(tmp_path, capfd, monkeypatch):
     "ipykernel 7 warns, once per chapter, that plain TCP is readable by anyone on the machine: the runner gives each kernel CurveZMQ keys instead."
     import run_course
+    from ipykernel.kernelapp import IPKernelApp
+    from jupyter_client import KernelManager
     km = run_course.kernel_manager()
-    if not km.has_trait("curve_publickey"): return  # an older jupyter_client: nothing to provision, nothing warned
+    if not (KernelManager.class_traits().get("curve_publickey") and "curve_secretkey" in IPKernelApp.class_trait_names()):
+        assert getattr(km, "curve_publickey", None) is None  # an older jupyter_client or ipykernel: no keys, or the client would hang
+        return
     assert km.curve_publickey and km.curve_secretkey and km.curve_publickey != km.curve_secretkey
     assert run_course.kernel_manager().curve_secretkey != km.curve_secretkey  # a fresh pair per chapter
     root = tmp_path / "course"

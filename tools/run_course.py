@@ -47,12 +47,14 @@ def artifacts_built_since(root: Path, since: float) -> dict:
 
 
 def kernel_manager():
-    """A manager for each chapter's kernel. Where jupyter_client can provision CurveZMQ keys (8.10+), the kernel and
-    this runner talk encrypted, and ipykernel 7 no longer warns once per chapter that its traffic is plain text; an
-    older jupyter_client gets the plain local TCP kernel it always had."""
+    """A manager for each chapter's kernel. Where jupyter_client can provision CurveZMQ keys (8.10+) and ipykernel can
+    use them (7+), the kernel and this runner talk encrypted, and ipykernel no longer warns once per chapter that its
+    traffic is plain text; otherwise (either one older) the plain local TCP kernel it always had: a client with keys
+    would wait forever on a kernel that ignores them."""
+    from ipykernel.kernelapp import IPKernelApp
     from jupyter_client import KernelManager
     km = KernelManager(kernel_name="python3")
-    if km.has_trait("curve_publickey"):
+    if km.has_trait("curve_publickey") and "curve_secretkey" in IPKernelApp.class_trait_names():
         import zmq
         km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
     return km
