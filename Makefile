@@ -15,7 +15,7 @@ help:
 	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass; a rerun resumes, FRESH=1 starts over)"
 	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
 	@echo "make gpu-test - on a CUDA machine: pytest -m cuda, every chapter's full-scale training step (time, peak memory), every notebook on the GPU, full-scale peak memory in float32"
-	@echo "make test-lowest - the tests again in a separate venv with the lowest version of every requirement settings.ini allows"
+	@echo "make test-lowest - the tests and notebooks in a separate venv with the lowest version of every requirement settings.ini allows (LOWEST_MODE=old-torch: torch lowest, the rest newest)"
 	@echo "make docs     - build the docs site (Quarto if installed, else static HTML in _docs/)"
 	@echo "make docs-check - build the docs, open every page in headless Chromium, fail on a blank page, a missing figure or chapter"
 	@echo "make readme   - regenerate README.md from nbs/index.ipynb"
