@@ -375,6 +375,10 @@ class GriffinLimVocoder:
         self.inverse = torch.linalg.pinv(self.mel.mel.mel_scale.fb.T)  # (n_freq, n_mels)
         self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft=self.mel.n_fft, win_length=self.mel.win,
                                                             hop_length=self.mel.hop // upsample, power=1.0, n_iter=n_iter)
+        # Griffin-Lim's STFT reflect-pads its signal by n_fft/2 samples, which needs a longer signal than that: the
+        # fewest 50 Hz frames whose inverse STFT is (one frame, 20 ms, is not)
+        self.min_frames = 1
+        while (self.min_frames * upsample - 1) * (self.mel.hop // upsample) <= self.mel.n_fft // 2: self.min_frames += 1
 
     def __call__(self, log_mel: torch.Tensor, # (frames, n_mels) log-mel at 50 Hz
                  length: int | None = None, # samples wanted (default frames * 320; the mel drops a last partial frame)
@@ -385,6 +389,7 @@ class GriffinLimVocoder:
             raise bad_arg("log_mel", f"a (frames, {self.mel.n_mels}) log-mel spectrogram", tuple(log_mel.shape))
         if not torch.isfinite(log_mel).all(): raise bad_arg("log_mel", "finite values", "NaN or inf")
         frames = len(log_mel)
+        if frames < self.min_frames: log_mel = torch.cat([log_mel, log_mel[-1:].expand(self.min_frames - frames, -1)])  # trimmed below
         m = log_mel.T[None]
         if self.upsample > 1: m = F.interpolate(m, scale_factor=self.upsample, mode="linear", align_corners=False)
         power = (self.inverse @ torch.exp(m[0])).clamp_min(0)

@@ -171,6 +171,16 @@ def test_griffin_lim_keeps_the_spectrum_and_the_callers_rng():
     with pytest.raises(ValueError, match="upsample"): GriffinLimVocoder(upsample=3)
 
 
+@pytest.mark.parametrize("upsample", [1, 4])
+def test_griffin_lim_speaks_a_single_frame(upsample):
+    "One 20 ms frame (a one-unit answer) is shorter than the STFT's reflect padding: it still comes out, 320 samples."
+    voc = GriffinLimVocoder(n_iter=4, upsample=upsample)
+    mel = LogMel()(torch.from_numpy(_voice(150, 0.8, 0.8, 0))).T
+    one = voc(mel[:1])
+    assert one.shape == (HOP,) and np.isfinite(one).all() and np.abs(one).max() > 0
+    assert voc.min_frames == 2 and voc(mel[:2]).shape == (2 * HOP,)  # two frames already fit
+
+
 def test_hubert_units_frame_grid_determinism_and_round_trip(tiny_units, tmp_path):
     w = _voice(140, 0.8, 0.7, 9)
     u = tiny_units(w)
