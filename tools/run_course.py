@@ -46,15 +46,22 @@ def artifacts_built_since(root: Path, since: float) -> dict:
     return built
 
 
+def kernel_takes_keys() -> bool:
+    "Whether the installed ipykernel (7.3+) runs on CurveZMQ keys, read from its metadata: importing it here would hook ipywidgets into a kernel that is not there."
+    from importlib.metadata import PackageNotFoundError, version
+    from packaging.version import Version
+    try: return Version(version("ipykernel")) >= Version("7.3")
+    except PackageNotFoundError: return False
+
+
 def kernel_manager():
     """A manager for each chapter's kernel. Where jupyter_client can provision CurveZMQ keys (8.10+) and ipykernel can
-    use them (7+), the kernel and this runner talk encrypted, and ipykernel no longer warns once per chapter that its
+    use them (7.3+), the kernel and this runner talk encrypted, and ipykernel no longer warns once per chapter that its
     traffic is plain text; otherwise (either one older) the plain local TCP kernel it always had: a client with keys
     would wait forever on a kernel that ignores them."""
-    from ipykernel.kernelapp import IPKernelApp
     from jupyter_client import KernelManager
     km = KernelManager(kernel_name="python3")
-    if km.has_trait("curve_publickey") and "curve_secretkey" in IPKernelApp.class_trait_names():
+    if km.has_trait("curve_publickey") and kernel_takes_keys():
         import zmq
         km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
     return km
