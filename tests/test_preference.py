@@ -317,7 +317,7 @@ def test_sequence_logprobs_equal_a_hand_sum_with_right_padding(tokenizer):
         hand = sum(float(lp[t - 1, labels[t]]) for t in range(1, n) if labels[t] != -100)
         reply_ids = tokenizer(replies[b] + "<|end|>", add_special_tokens=False)["input_ids"]
         assert labels[labels != -100].tolist() == reply_ids  # exactly the reply and its end token are scored
-        assert abs(float(got[b]) - hand) < 1e-4
+        assert abs(got[b].item() - hand) < 1e-4
     per_token = token_logprobs(model, **batch)
     assert (per_token[batch["labels"] == -100] == 0).all()
     assert torch.allclose(per_token.sum(1), got)
