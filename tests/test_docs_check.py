@@ -26,6 +26,16 @@ def test_visible_text_and_images():
     assert docs_check.decodable_images(dom) == (1, 1)
 
 
+def test_a_table_left_as_text_is_found_and_a_rendered_one_is_not():
+    "nbconvert's Markdown renderer gives up on a whole table when a cell holds a `|` in code (`<|audio|>`) and prints it as a paragraph."
+    from nbconvert.filters.markdown_mistune import markdown2html_mistune
+    broken = markdown2html_mistune("| # | chapter |\n|---|---|\n| 08 | chat and `<|audio|>` tokens |\n")
+    fixed = markdown2html_mistune("| # | chapter |\n|---|---|\n| 08 | chat and <code>&lt;&#124;audio&#124;&gt;</code> tokens |\n")
+    assert docs_check.raw_table_rows(broken) and "<table>" in fixed and docs_check.raw_table_rows(fixed) == []
+    code = "<pre>| a | b |\n|---|---|</pre><p>a | b, then ---</p>"  # a table in a code block, pipes in prose
+    assert docs_check.raw_table_rows(code) == []
+
+
 def test_expected_media_counts_shown_figures_and_players(tmp_path):
     nb = nbformat.v4.new_notebook()
     fig = nbformat.v4.new_output("display_data", data={"image/png": _png(), "text/plain": "<Figure>"})

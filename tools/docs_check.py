@@ -7,7 +7,7 @@ screenshot (`_docs/_check/<page>.png`) and the DOM after the page's scripts ran,
 - every figure the notebook has (an `image/png` output of a shown cell) is on the page as an image that decodes;
 - every audio player the notebook has is on the page as an `<audio>` element;
 - the navigation links to every chapter of the sidebar, under a real title, and the page has a title of its own;
-- no raw Quarto markup ({target="_blank" ...}) shows in the text.
+- no raw Quarto markup ({target="_blank" ...}) shows in the text, and no Markdown table is left as text.
 
     python tools/docs_check.py             # check _docs/ (build it first: make docs)
     python tools/docs_check.py --site DIR  # another rendered site
@@ -88,6 +88,13 @@ def visible_text(dom: str) -> str:
     return " ".join(re.sub(r"(?s)<[^>]+>", " ", body).split())
 
 
+def raw_table_rows(dom: str) -> list[str]:
+    """Paragraphs that hold a Markdown table's delimiter row (|---|): a table the renderer gave up on and printed as
+    text (one row with a `|` the table syntax did not expect breaks the whole table). Code blocks are not paragraphs."""
+    paragraphs = re.findall(r"<p[ >](.*?)</p>", dom, flags=re.S)
+    return [re.sub(r"<[^>]+>", "", p).strip() for p in paragraphs if re.search(r"\|\s*:?-{3,}:?\s*\|", p)]
+
+
 def decodable_images(dom: str) -> tuple[int, int]:
     "(images that decode, images that do not) among the page's inline PNG figures."
     from PIL import Image
@@ -151,6 +158,7 @@ def check_page(browser: str, site: Path, nb_name: str, pages: list[str], shots: 
     if any(not t or t.lower() == "untitled" for t in names): rep.problems.append("navigation has untitled entries")
     if not re.search(r"<h1\b", dom): rep.problems.append("no page title (h1)")
     if re.search(r"\{target=\"_blank\"", visible_text(dom)): rep.problems.append("raw Quarto link attributes in the text")
+    if raw_table_rows(dom): rep.problems.append(f"a Markdown table shown as text, not a table: {raw_table_rows(dom)[0][:80]!r}")
     return rep
 
 
