@@ -168,3 +168,31 @@ def test_the_runner_talks_to_its_kernels_encrypted_where_jupyter_client_can(tmp_
     assert "without encryption" not in err, err
     executed = nbformat.read(root / "data" / "results" / "smoke" / "01_a.ipynb", as_version=4)
     assert executed.cells[1].outputs[0]["text"] == "42\n"
+
+
+def _alive(pid: int) -> bool:
+    "Whether process `pid` still runs (a zombie, ended but not yet reaped, counts as ended)."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    status = Path(f"/proc/{pid}/status")
+    try: return not (status.exists() and "State:\tZ" in status.read_text())
+    except FileNotFoundError: return False
+
+
+def test_the_runner_shuts_each_chapters_kernel_down(tmp_path, monkeypatch):
+    "A chapter's kernel ends with its chapter, also when the chapter fails: nbclient leaves running a kernel whose manager it was handed, and a whole course run would keep twenty kernels' models in memory."
+    import time
+    import run_course
+    root = tmp_path / "course"
+    (root / "nbs").mkdir(parents=True)
+    (root / "speechllm_course").mkdir()
+    _chapter(root / "nbs", "01_a", "A", [("import os; print(os.getpid())", [])])
+    _chapter(root / "nbs", "02_b", "B", [("import os; print(os.getpid())", []), ("raise RuntimeError('disk full')", [])])
+    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "artifacts"))
+    assert run_course.main(["--scale", "smoke"], root=root) == 1  # 02_b fails
+    pids = [int(nbformat.read(root / "data" / "results" / "smoke" / f"{stem}.ipynb", as_version=4).cells[1].outputs[0]["text"])
+            for stem in ("01_a", "02_b")]
+    assert os.getpid() not in pids
+    deadline = time.monotonic() + 10
+    while any(map(_alive, pids)) and time.monotonic() < deadline: time.sleep(0.2)
+    assert not any(map(_alive, pids)), [p for p in pids if _alive(p)]

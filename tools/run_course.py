@@ -145,7 +145,9 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         t0, started = time.perf_counter(), time.time()
         print(f"  {nb_path.name} ...", end="", flush=True)
         try:
-            client.execute()
+            # nbclient leaves running a kernel whose manager it was handed: cleanup_kc shuts each chapter's kernel down
+            # with its chapter, or a whole course run would keep every chapter's models in memory until it ended
+            client.execute(cleanup_kc=True)
         except CellExecutionError as e:
             failed = (nb_path.name, str(e).splitlines()[-1] if str(e) else repr(e))
         dt = time.perf_counter() - t0
