@@ -387,6 +387,7 @@ class GriffinLimVocoder:
         log_mel = torch.as_tensor(log_mel, dtype=torch.float32)
         if log_mel.ndim != 2 or log_mel.shape[1] != self.mel.n_mels:
             raise bad_arg("log_mel", f"a (frames, {self.mel.n_mels}) log-mel spectrogram", tuple(log_mel.shape))
+        if len(log_mel) == 0: raise bad_arg("log_mel", "at least one frame", tuple(log_mel.shape))
         if not torch.isfinite(log_mel).all(): raise bad_arg("log_mel", "finite values", "NaN or inf")
         frames = len(log_mel)
         if frames < self.min_frames: log_mel = torch.cat([log_mel, log_mel[-1:].expand(self.min_frames - frames, -1)])  # trimmed below

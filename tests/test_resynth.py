@@ -168,6 +168,7 @@ def test_griffin_lim_keeps_the_spectrum_and_the_callers_rng():
     assert len(voc(mel)) == len(mel) * HOP
     with pytest.raises(ValueError, match="log_mel"): voc(torch.zeros(5, 40))
     with pytest.raises(ValueError, match="log_mel"): voc(torch.full((5, 80), float("nan")))
+    with pytest.raises(ValueError, match="log_mel: expected at least one frame"): voc(torch.zeros(0, 80))  # an answer with no units
     with pytest.raises(ValueError, match="upsample"): GriffinLimVocoder(upsample=3)
 
 
