@@ -171,7 +171,7 @@ ADAPTER_SIZES = {
     "full": AdapterSizes(train_items=None, steps=3000, batch_size=64, lr=1e-3, test_items=None, ctc_steps=1000, min_lr_ratio=0.1,
                          event_items=None, event_repeats=3, sound_mix_batch_size=64),
 }
-ADAPTERS_VERSION = f"1-lm{LM_VERSION}"  # a trained speech LM is stale once the LLM under it is retrained
+ADAPTERS_VERSION = f"2-lm{LM_VERSION}"  # stale once the LLM under it is retrained; 2: built under a fixed seed (core.seeded_rng)
 
 # %% ../nbs/09_adapters.ipynb #9d0b4a00
 @dataclass
@@ -735,7 +735,7 @@ def cached_speech_lm(name: str, # artifact name, e.g. 'speech_lm_conv_pool'
                     ) -> tuple[SpeechLM, dict]:
     "Train (or load the cached) SpeechLM `name`: (model, info with training seconds and the loss history)."
     import time
-    from speechllm_course.core import data_root, get_or_build, get_scale, load_json, save_json
+    from speechllm_course.core import data_root, get_or_build, get_scale, load_json, save_json, seeded_rng
 
     def build(out_dir):
         import shutil
@@ -755,10 +755,11 @@ def cached_speech_lm(name: str, # artifact name, e.g. 'speech_lm_conv_pool'
                     trainable_parameters=trainable, final_loss=hist.losses[-1], resumed_from=hist.resumed_from)
 
     scale, version = scale or get_scale(), version or ADAPTERS_VERSION
-    path = get_or_build(name, build, version=version, scale=scale)
-    # e.g. the scale's sizes changed since it was built; no examples (a caller that only loads) checks steps and batch only
-    if problem := trained_budget_problem(path, steps, batch_size, len(examples) or None):
-        if not len(examples): raise bad_arg("examples", f"the training examples: the cached {name} was trained with another budget ({problem})", "none")
-        path = get_or_build(name, build, version=version, scale=scale, rebuild=True)
+    with seeded_rng(seed):  # the new model's initial weights: the same whichever chapter builds it, and the caller's RNG is left alone
+        path = get_or_build(name, build, version=version, scale=scale)
+        # e.g. the scale's sizes changed since it was built; no examples (a caller that only loads) checks steps and batch only
+        if problem := trained_budget_problem(path, steps, batch_size, len(examples) or None):
+            if not len(examples): raise bad_arg("examples", f"the training examples: the cached {name} was trained with another budget ({problem})", "none")
+            path = get_or_build(name, build, version=version, scale=scale, rebuild=True)
     info = dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
     return SpeechLM.from_pretrained(path).eval(), info

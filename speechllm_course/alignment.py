@@ -45,7 +45,7 @@ ALIGNMENT_SIZES = {
     "course": AlignmentSizes(train_items=None, spoken_items=None, ctc_steps=200, steps=300, batch_size=64, lr=3e-3, test_items=None, min_lr_ratio=1.0),
     "full": AlignmentSizes(train_items=None, spoken_items=None, ctc_steps=1000, steps=3000, batch_size=64, lr=1e-3, test_items=None, min_lr_ratio=0.1),
 }
-ALIGNMENT_VERSION = f"2-lm{LM_VERSION}"  # 2: trained on spoken questions and instructions too (transcripts only)
+ALIGNMENT_VERSION = f"3-lm{LM_VERSION}"  # 2: trained on spoken questions and instructions too (transcripts only); 3: built under a fixed seed
 
 
 def alignment_training_examples(scale: str | None = None, progress: bool = True) -> list[dict]:
@@ -267,7 +267,7 @@ def cached_token_ctc(make_model, tokenizer, examples: Sequence[dict], steps: int
     "The pre-trained token-CTC module's state (trained once per scale, then loaded): every alignment model starts from it."
     import time
     from safetensors.torch import load_file, save_file
-    from speechllm_course.core import get_or_build, get_scale
+    from speechllm_course.core import get_or_build, get_scale, seeded_rng
 
     def build(out_dir):
         t0 = time.perf_counter()
@@ -275,7 +275,8 @@ def cached_token_ctc(make_model, tokenizer, examples: Sequence[dict], steps: int
         save_file(state, f"{out_dir}/ctc.safetensors")
         return dict(train_seconds=round(time.perf_counter() - t0, 1), steps=steps, examples=len(examples))
 
-    path = get_or_build(name, build, version=ALIGNMENT_VERSION, scale=scale or get_scale())
+    with seeded_rng(seed):  # the module's initial weights do not depend on what ran before
+        path = get_or_build(name, build, version=ALIGNMENT_VERSION, scale=scale or get_scale())
     return load_file(str(path / "ctc.safetensors"))
 
 # %% ../nbs/10_alignment.ipynb #16272252

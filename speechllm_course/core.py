@@ -29,9 +29,9 @@ from torch import nn
 
 # %% auto #0
 __all__ = ['SAMPLE_RATE', 'FRAME_RATE', 'HOP', 'SCALES', 'MANIFEST', 'bad_arg', 'n_frames', 'get_scale', 'for_scale',
-           'seed_everything', 'pick_device', 'atomic_write', 'save_json', 'load_json', 'torch_save', 'data_root',
-           'load_manifest', 'artifact_problem', 'get_or_build', 'TrainConfig', 'warmup_cosine', 'TrainHistory',
-           'latest_checkpoint', 'auto_mixed_precision', 'train']
+           'seed_everything', 'seeded_rng', 'pick_device', 'atomic_write', 'save_json', 'load_json', 'torch_save',
+           'data_root', 'load_manifest', 'artifact_problem', 'get_or_build', 'TrainConfig', 'warmup_cosine',
+           'TrainHistory', 'latest_checkpoint', 'auto_mixed_precision', 'train']
 
 # %% ../nbs/00_core.ipynb #0d428ad8
 def bad_arg(name: str, # the argument's name, as the caller wrote it
@@ -83,6 +83,21 @@ def seed_everything(seed: int, # the one seed for random, numpy and torch
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, # what Python, NumPy and torch are seeded with inside the block
+              ):
+    "Run a block seeded with `seed`, then hand the caller its own random states back: what the block builds does not depend on what ran before it."
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool): raise bad_arg("seed", "an int", seed)
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        seed_everything(seed)
+        yield
+    finally:
+        random.setstate(states[0]); np.random.set_state(states[1]); torch.random.set_rng_state(states[2])
+        if cuda is not None: torch.cuda.set_rng_state_all(cuda)
 
 def pick_device(prefer: str | torch.device | None = None, # 'cuda', 'mps', 'cpu', 'cuda:1'... or None for the best available
                ) -> torch.device:

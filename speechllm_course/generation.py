@@ -66,7 +66,7 @@ GENERATION_SIZES = {
     "full": GenerationSizes(train_items=None, test_items=None, steps=5000, batch_size=32, lr=1e-3, ctc_steps=4000, upsample=25, rq_steps=5000, rq_hidden=256, rq_crop=256,
                             text_chunk=13, speech_chunk=26, delay=2, max_text=40, max_units=200, latency_items=50, speech_items=300, duplex_train=8000, duplex_test=300),
 }
-GENERATION_VERSION = "1"
+GENERATION_VERSION = "2"  # 2: models built under a fixed seed (core.seeded_rng)
 SCHEMES = ("chain_of_modality", "text_first", "streaming_thoughts", "parallel", "parallel_2streams", "text_driven", "coarse_to_fine")
 SEQUENCE_SCHEMES = ("chain_of_modality", "text_first", "streaming_thoughts")  # one token stream, one LM head
 
@@ -732,10 +732,12 @@ def text_driven_answer(llm, decoder: CTCUnitDecoder, audio: torch.Tensor, prompt
     return dict(text_ids=ids, units=units, first_unit=min(chunk, len(ids)) if len(units) else None, first_audio_s=first_audio_s)
 
 # %% ../nbs/11_generation.ipynb #c2b5f356
-def cached_model(name: str, train_fn, save_fn, load_fn, version: str, scale: str | None = None, **info) -> tuple[object, dict]:
+def cached_model(name: str, train_fn, save_fn, load_fn, version: str, scale: str | None = None,
+                 seed: int = 0, # seeds the new model's initial weights (train_fn's training seeds itself)
+                 **info) -> tuple[object, dict]:
     "Train (once per scale and version, resuming from checkpoints) and cache a model: train_fn(ckpt_dir) -> (model, history)."
     import shutil
-    from speechllm_course.core import data_root, get_or_build, get_scale, load_json, save_json
+    from speechllm_course.core import data_root, get_or_build, get_scale, load_json, save_json, seeded_rng
     scale = scale or get_scale()
 
     def build(out_dir):
@@ -749,7 +751,8 @@ def cached_model(name: str, train_fn, save_fn, load_fn, version: str, scale: str
         return dict(train_seconds=round(seconds, 1), final_loss=hist.losses[-1], resumed_from=hist.resumed_from,
                     trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad), **info)
 
-    path = get_or_build(name, build, version=version, scale=scale)
+    with seeded_rng(seed):  # the same model whichever cell or chapter builds it first
+        path = get_or_build(name, build, version=version, scale=scale)
     return load_fn(path), dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
 
 

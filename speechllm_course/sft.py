@@ -345,7 +345,7 @@ def cached_sft_model(name: str, # artifact name, e.g. 'sft_natural_lora'
                      scale: str | None = None, seed: int = 0, progress: bool = True, min_lr_ratio: float = 0.1) -> tuple[SpeechLM, object, dict]:
     "Train (or load the cached) SFT run `name`: (model, tokenizer, info with seconds, trainable parameters and the loss history)."
     import shutil
-    from speechllm_course.core import data_root, get_or_build, get_scale, load_json, save_json
+    from speechllm_course.core import data_root, get_or_build, get_scale, load_json, save_json, seeded_rng
     scale = scale or get_scale()
 
     def build(out_dir):
@@ -362,7 +362,8 @@ def cached_sft_model(name: str, # artifact name, e.g. 'sft_natural_lora'
                     text_examples=sum(ex["features"] is None for ex in examples), trainable_parameters=model.trainable_parameters(),
                     final_loss=hist.losses[-1], resumed_from=hist.resumed_from)
 
-    path = get_or_build(name, build, version=SFT_VERSION, scale=scale)
+    with seeded_rng(seed):  # LoRA's and the adapter's initial weights do not depend on what ran before
+        path = get_or_build(name, build, version=SFT_VERSION, scale=scale)
     model, tok = load_sft_model(path)
     return model, tok, dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
 

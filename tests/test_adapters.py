@@ -276,3 +276,19 @@ def test_cached_speech_lm_rebuilds_when_the_budget_changes(tokenizer, tmp_path, 
     assert loaded["examples"] == 2 and path.joinpath("manifest.json").stat().st_mtime_ns == rebuilt
     with pytest.raises(ValueError, match=r"examples: expected the training examples: the cached toy_speech_lm was trained with another budget \(steps 3 != 5\)"):
         cached_speech_lm("toy_speech_lm", make, tokenizer, [], steps=5, batch_size=4, **kw)
+
+
+def test_cached_speech_lm_is_the_same_whatever_ran_before_it_and_leaves_the_caller_s_rng_alone(tokenizer, tmp_path, monkeypatch):
+    from speechllm_course.adapters import cached_speech_lm
+    examples = [dict(features=f, instruction="repeat", target=t) for f, t in zip(feats([12, 9, 15, 7]), ["a b", "b", "a", "b a"])]
+    make = lambda: speech_lm(tokenizer).freeze_llm()
+    weights = []
+    for caller_seed, root in ((1, tmp_path / "first"), (2, tmp_path / "second")):  # two chapters, each building it first after other work
+        monkeypatch.setenv("SPEECHLLM_DATA", str(root))
+        torch.manual_seed(caller_seed); expected_next = torch.rand(4)
+        torch.manual_seed(caller_seed)
+        model, _ = cached_speech_lm("toy_speech_lm", make, tokenizer, examples, steps=2, batch_size=2, lr=1e-2, scale="smoke", progress=False)
+        assert torch.equal(torch.rand(4), expected_next), "building a model must not move the caller's random stream"
+        weights.append(model.adapter.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]: assert torch.equal(weights[0][k], weights[1][k]), k
