@@ -221,3 +221,32 @@ def test_bad_input_names_the_argument(tokenizer):
                        (lambda: train_sft(speech_lm(tokenizer), tokenizer, [], 1), "examples"),
                        (lambda: load_sft_model("/nonexistent/folder"), "folder")]:
         with pytest.raises(ValueError, match=name): call()
+
+
+# ---------------------------------------------------------------- cached runs and their seed
+
+def test_cached_sft_model_depends_on_its_seed_and_not_on_what_ran_before_it(tokenizer, tmp_path, monkeypatch):
+    "Chapter 12 repeats runs over training seeds: the same seed must give the same run whatever the caller did first, another seed another run."
+    from speechllm_course.sft import cached_sft_model
+    tasks = ("asr", "qa")
+    examples = instruction_examples({t: ROWS for t in tasks}, {t: feats([10, 12]) for t in tasks}, "natural")
+    base = speech_lm(tokenizer)
+
+    def make():  # no seeding of its own: LoRA's initial weights come from whatever random state the builder sets
+        return copy.deepcopy(base).freeze_llm().add_lora(r=4, alpha=8, target_modules=("q_proj", "v_proj")), tokenizer
+
+    def lora_weights(model): return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+    built, next_draws = [], []
+    for caller_seed, root, seed in ((1, "first", 0), (2, "second", 0), (1, "third", 1), (1, "first", 0)):  # the last one loads the first
+        monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / root))
+        torch.manual_seed(caller_seed)
+        model, _, info = cached_sft_model("sft_toy", make, examples, steps=2, batch_size=2, lr=1e-2, scale="smoke", seed=seed, progress=False)
+        assert info["steps"] == 2 and info["examples"] == len(examples)
+        built.append(lora_weights(model)); next_draws.append(torch.rand(3))
+    assert built[0] and all(b.keys() == built[0].keys() for b in built)
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0]), "same seed, different caller: the run must be the same"
+    assert all(torch.equal(built[0][k], built[3][k]) for k in built[0]), "loaded from the cache: the run that was built"
+    assert not all(torch.equal(built[0][k], built[2][k]) for k in built[0]), "another seed must be another run"
+    # a chapter resumed with the run already cached goes on with the random draws it had when it built the run
+    assert torch.equal(next_draws[0], next_draws[3])
