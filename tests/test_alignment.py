@@ -1,5 +1,7 @@
 "Chapter 10: token CTC labels, forced alignment, the three alignment recipes (batches, losses, what they train), cosine maps, zero-shot scoring, save/load, bad input."
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +226,20 @@ def test_load_aligned_lm_knows_its_models():
     with pytest.raises(ValueError, match="name"): load_aligned_lm("telepathic")
     assert {name.split("_")[0] for name in ALIGNED_MODELS} == set(ALIGNMENT_OBJECTIVES)
     assert [lora for _, lora in ALIGNED_MODELS.values()] == [False, True, False, False]  # only 'asr_lora' adds LoRA
+
+
+def test_cached_token_ctc_depends_on_its_seed_and_not_on_what_ran_before_it(tokenizer, tmp_path, monkeypatch):
+    "Every alignment model of chapter 10 starts from the cached token-CTC module: it must not change with what ran before it was built."
+    from speechllm_course.alignment import cached_token_ctc
+    base = tiny_llm(tokenizer)
+    make = lambda: token_ctc_speech_lm(copy.deepcopy(base), tokenizer, DIM)  # the adapter's initial weights come from the global random state
+    states = []
+    for caller_seed, root, seed in ((1, "first", 0), (2, "second", 0), (1, "third", 1)):
+        monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / root))
+        torch.manual_seed(caller_seed); expected_next = torch.rand(3)
+        torch.manual_seed(caller_seed)
+        states.append(cached_token_ctc(make, tokenizer, examples(), steps=2, batch_size=2, lr=1e-2, scale="smoke", seed=seed, progress=False))
+        assert torch.equal(torch.rand(3), expected_next), "building the module must not move the caller's random stream"
+    same = lambda a, b: a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert states[0] and same(states[0], states[1]), "same seed, different caller: the module must be the same"
+    assert not same(states[0], states[2]), "another seed must be another module"

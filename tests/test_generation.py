@@ -638,3 +638,34 @@ def test_snap_to_lexicon_and_answer_lexicon():
     with pytest.raises(ValueError, match="lexicon"): snap_to_lexicon("seven", [])
     with pytest.raises(ValueError, match="text"): snap_to_lexicon(7, lex)
     with pytest.raises(ValueError, match="texts"): answer_lexicon(["!!"])
+
+
+def test_cached_model_depends_on_its_seed_and_not_on_what_ran_before_it(tmp_path, monkeypatch):
+    "Chapter 11 builds its nine models through cached_model: a model must not change with what a chapter ran before building it."
+    from speechllm_course.core import train
+    from speechllm_course.generation import cached_model
+    data = [dict(x=torch.linspace(-1, 1, 3) * i) for i in range(1, 5)]
+
+    def train_fn(ckpt_dir):
+        model = torch.nn.Linear(3, 2)  # initial weights from the global random state, as every chapter model's are
+        hist = train(model, data, steps=2, batch_size=2, lr=1e-2, loss_fn=lambda m, b: m(b["x"]).pow(2).mean(), progress=False, ckpt_dir=ckpt_dir)
+        return model, hist
+
+    def load_fn(path):
+        model = torch.nn.Linear(3, 2)
+        model.load_state_dict(torch.load(path / "weights.pt", weights_only=True))
+        return model
+
+    built, next_draws = [], []
+    for caller_seed, root, seed in ((1, "first", 0), (2, "second", 0), (1, "third", 1), (1, "first", 0)):  # the last one loads the first
+        monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / root))
+        torch.manual_seed(caller_seed)
+        model, info = cached_model("toy_generation_model", train_fn, lambda m, folder: torch.save(m.state_dict(), f"{folder}/weights.pt"),
+                                   load_fn, version="test", scale="smoke", seed=seed)
+        assert info["final_loss"] >= 0 and info["trainable_parameters"] == 8
+        built.append(model.state_dict()); next_draws.append(torch.rand(3))
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+    assert same(built[0], built[1]), "same seed, different caller: the model must be the same"
+    assert same(built[0], built[3]), "loaded from the cache: the model that was built"
+    assert not same(built[0], built[2]), "another seed must be another model"
+    assert torch.equal(next_draws[0], next_draws[3])  # a resumed chapter goes on with the draws it had when it built the model
