@@ -751,9 +751,12 @@ def cached_model(name: str, train_fn, save_fn, load_fn, version: str, scale: str
         return dict(train_seconds=round(seconds, 1), final_loss=hist.losses[-1], resumed_from=hist.resumed_from,
                     trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad), **info)
 
-    with seeded_rng(seed):  # the same model whichever cell or chapter builds it first
+    # the same model whichever cell or chapter builds it first; loading (which constructs modules) inside too, so the
+    # caller's random stream is left as it was
+    with seeded_rng(seed):
         path = get_or_build(name, build, version=version, scale=scale)
-    return load_fn(path), dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
+        model = load_fn(path)
+    return model, dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
 
 
 def save_parallel(model: ParallelSpeechLM, folder) -> None:

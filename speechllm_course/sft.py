@@ -363,9 +363,11 @@ def cached_sft_model(name: str, # artifact name, e.g. 'sft_natural_lora'
                     text_examples=sum(ex["features"] is None for ex in examples), trainable_parameters=model.trainable_parameters(),
                     final_loss=hist.losses[-1], resumed_from=hist.resumed_from)
 
-    with seeded_rng(seed):  # LoRA's and the adapter's initial weights do not depend on what ran before
+    # LoRA's and the adapter's initial weights do not depend on what ran before; loading (which constructs modules)
+    # inside too, so the caller's random stream is left as it was
+    with seeded_rng(seed):
         path = get_or_build(name, build, version=SFT_VERSION, scale=scale)
-    model, tok = load_sft_model(path)
+        model, tok = load_sft_model(path)
     return model, tok, dict(load_json(path / "manifest.json")["info"], history=load_json(path / "history.json"))
 
 # %% ../nbs/12_sft.ipynb #21999076
