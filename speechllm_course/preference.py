@@ -43,15 +43,16 @@ class PreferenceSizes:
     dpo_beta: float  # DPO's β (Rafailov et al.: 0.1)
     grpo_beta: float  # GRPO's KL weight β (DeepSeekMath: 0.04)
     max_new_tokens: int  # reply length cap when sampling and answering
+    seeds: int  # training seeds of SFT and GRPO (seed 0 is the main run; the others judge its verdicts)
 
 
 PREFERENCE_SIZES = {
     "smoke": PreferenceSizes(train_items=32, test_items=16, group_size=4, steps=6, questions_per_step=4, lr=2e-3, lora_r=4, dpo_beta=0.1,
-                             grpo_beta=0.04, max_new_tokens=12),
+                             grpo_beta=0.04, max_new_tokens=12, seeds=2),
     "course": PreferenceSizes(train_items=None, test_items=None, group_size=8, steps=300, questions_per_step=8, lr=2e-3, lora_r=8, dpo_beta=0.1,
-                              grpo_beta=0.04, max_new_tokens=16),
+                              grpo_beta=0.04, max_new_tokens=16, seeds=3),
     "full": PreferenceSizes(train_items=None, test_items=None, group_size=16, steps=1500, questions_per_step=16, lr=1e-3, lora_r=16, dpo_beta=0.1,
-                            grpo_beta=0.04, max_new_tokens=24),
+                            grpo_beta=0.04, max_new_tokens=24, seeds=3),
 }
 PREFERENCE_VERSION = "1"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # attention and MLP of a Llama block
