@@ -538,6 +538,21 @@ def test_grpo_objective_rewards_and_logs(tokenizer):
     with pytest.raises(ValueError, match="reward_fn"): GRPOObjective(tokenizer, reward_fn=lambda r, a: float("nan"), group_size=2).rewards([["a", "b"]], ["a"])
 
 
+def test_grpo_objective_seed_decides_its_samples(tokenizer):
+    "Chapter 13 trains GRPO with several seeds: the same seed draws the same groups, another seed other groups, on the same batch."
+    from speechllm_course.preference import grpo_collate
+    policy = preference_policy(tiny_speech_lm(tokenizer), r=4)
+    batch = grpo_collate([dict(q, _index=i) for i, q in enumerate(spoken_questions(2))])
+    def replies_of(seed):
+        seen = []
+        objective = GRPOObjective(tokenizer, reward_fn=lambda reply, answer: seen.append(reply) or 0.0, group_size=4, max_new_tokens=6, seed=seed)
+        with torch.no_grad(): objective(policy, batch)
+        return seen
+    first = replies_of(0)
+    assert len(first) == 2 * 4 and replies_of(0) == first
+    assert replies_of(1) != first
+
+
 def _lora_state(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
