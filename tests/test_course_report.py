@@ -196,3 +196,22 @@ def test_the_runner_shuts_each_chapters_kernel_down(tmp_path, monkeypatch):
     deadline = time.monotonic() + 10
     while any(map(_alive, pids)) and time.monotonic() < deadline: time.sleep(0.2)
     assert not any(map(_alive, pids)), [p for p in pids if _alive(p)]
+
+
+def test_a_chapter_whose_kernel_dies_fails_and_the_run_ends(tmp_path):
+    "A kernel killed mid-chapter (out of memory, say) fails that chapter at once and ends the run; a rerun redoes it. (The blocking kernel manager waited on the dead kernel forever.)"
+    import subprocess, sys
+    root = tmp_path / "course"
+    (root / "nbs").mkdir(parents=True)
+    (root / "speechllm_course").mkdir()
+    _chapter(root / "nbs", "01_a", "A", [("print('before')", []), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", [])])
+    _chapter(root / "nbs", "02_b", "B", [("print('never')", [])])
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'tools')!r}); import run_course; from pathlib import Path; "
+            f"sys.exit(run_course.main(['--scale', 'smoke'], root=Path({str(root)!r})))")
+    env = dict(os.environ, SPEECHLLM_DATA=str(tmp_path / "artifacts"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "01_a.ipynb" in done.stdout and "FAILED" in done.stdout and "kernel died" in done.stderr, done.stdout + done.stderr
+    assert not (root / "data" / "results" / "smoke" / "02_b.ipynb").exists()  # the run stopped at the failed chapter
+    executed = nbformat.read(root / "data" / "results" / "smoke" / "01_a.ipynb", as_version=4)
+    assert executed.cells[1].outputs[0]["text"] == "before\n"  # what ran before the kernel died is kept

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError
+from nbclient.exceptions import CellExecutionError, DeadKernelError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,10 @@ def kernel_manager():
     use them (7.3+), the kernel and this runner talk encrypted, and ipykernel no longer warns once per chapter that its
     traffic is plain text; otherwise (either one older) the plain local TCP kernel it always had: a client with keys
     would wait forever on a kernel that ignores them."""
-    from jupyter_client import KernelManager
-    km = KernelManager(kernel_name="python3")
+    # the async manager: nbclient polls it while a cell runs, so a kernel that dies (killed, out of memory) fails its
+    # chapter within a second; with the blocking manager the runner waited on the dead kernel and never returned
+    from jupyter_client import AsyncKernelManager
+    km = AsyncKernelManager(kernel_name="python3")
     if km.has_trait("curve_publickey") and kernel_takes_keys():
         import zmq
         km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
             client.execute(cleanup_kc=True)
         except CellExecutionError as e:
             failed = (nb_path.name, str(e).splitlines()[-1] if str(e) else repr(e))
+        except DeadKernelError:
+            failed = (nb_path.name, "its kernel died (killed, e.g. out of memory)")
         dt = time.perf_counter() - t0
         for cell in skipped: cell.metadata["tags"].remove("skip-execution")
         for cell in skipped:
