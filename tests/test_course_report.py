@@ -198,7 +198,7 @@ def test_the_runner_shuts_each_chapters_kernel_down(tmp_path, monkeypatch):
     assert not any(map(_alive, pids)), [p for p in pids if _alive(p)]
 
 
-def test_a_chapter_whose_kernel_dies_fails_and_the_run_ends(tmp_path):
+def test_a_chapter_whose_kernel_dies_fails_and_the_run_ends(tmp_path, monkeypatch):
     "A kernel killed mid-chapter (out of memory, say) fails that chapter at once and ends the run; a rerun redoes it. (The blocking kernel manager waited on the dead kernel forever.)"
     import subprocess, sys
     root = tmp_path / "course"
@@ -215,3 +215,8 @@ def test_a_chapter_whose_kernel_dies_fails_and_the_run_ends(tmp_path):
     assert not (root / "data" / "results" / "smoke" / "02_b.ipynb").exists()  # the run stopped at the failed chapter
     executed = nbformat.read(root / "data" / "results" / "smoke" / "01_a.ipynb", as_version=4)
     assert executed.cells[1].outputs[0]["text"] == "before\n"  # what ran before the kernel died is kept
+    import run_course  # the rerun, with the chapter mended, redoes it and goes on
+    _chapter(root / "nbs", "01_a", "A", [("print('before')", [])])
+    monkeypatch.setenv("SPEECHLLM_DATA", env["SPEECHLLM_DATA"])
+    assert run_course.main(["--scale", "smoke"], root=root) == 0
+    assert nbformat.read(root / "data" / "results" / "smoke" / "02_b.ipynb", as_version=4).cells[1].outputs[0]["text"] == "never\n"
