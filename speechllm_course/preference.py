@@ -43,7 +43,7 @@ class PreferenceSizes:
     dpo_beta: float  # DPO's β (Rafailov et al.: 0.1)
     grpo_beta: float  # GRPO's KL weight β (DeepSeekMath: 0.04)
     max_new_tokens: int  # reply length cap when sampling and answering
-    seeds: int  # training seeds of SFT and GRPO (seed 0 is the main run; the others judge its verdicts)
+    seeds: int  # training seeds of every method (seed 0 is the main run; the others judge its verdicts)
 
 
 PREFERENCE_SIZES = {

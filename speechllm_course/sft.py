@@ -45,7 +45,7 @@ class SftSizes:
     text_share: float  # share of text-only instruction examples in the mixed runs (Peng et al. 2025)
     text_items: int  # typed questions and held-out documents that measure text ability
     max_new_tokens: int  # cap on a reply (each task's cap is its longest reference + 4 tokens, below this)
-    seeds: int  # training seeds of the three runs whose comparisons are close (LoRA, full fine-tuning, instruction first)
+    seeds: int  # training seeds of the four runs whose comparisons are close (tags, LoRA, full fine-tuning, instruction first)
 
 
 SFT_SIZES = {
