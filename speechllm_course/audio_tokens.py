@@ -26,7 +26,7 @@ __all__ = ['AUDIO_VARIANTS', 'PATCH_FRAMES', 'N_MELS', 'AUDIO_TOKEN_SIZES', 'AUD
            'RandomProjectionTokenizerConfig', 'RandomProjectionTokenizer', 'AudioEncoderConfig', 'AudioEncoder',
            'random_patch_mask', 'AudioTokenizerConfig', 'AudioTokenizer', 'AudioTokenSizes', 'train_audio_encoder',
            'train_audio_tokenizer', 'encoder_features', 'training_clips', 'build_audio_tokens', 'load_audio_tokens',
-           'token_histogram', 'token_agreement']
+           'token_histogram', 'agreement_counts', 'agreement_from_counts', 'token_agreement']
 
 # %% ../nbs/06c_audio_tokens.ipynb #561bfa8b
 def event_clip(kind: str, # one of world.EVENT_KINDS
@@ -434,20 +434,39 @@ def token_histogram(ids: torch.Tensor, # (positions,) or (levels, positions) tok
     return (h / h.sum(1, keepdim=True).clamp_min(1)).reshape(-1).numpy()
 
 
+def agreement_counts(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], # token ids per clip, (positions,) or (levels, positions)
+                     n_tokens: int) -> dict[str, np.ndarray]:
+    """Per clip: `same` aligned positions holding the same token in a and b, `total` positions compared, and each
+    level's token counts in a and in b (`counts_a`, `counts_b`: (clips, levels, n_tokens)). `agreement_from_counts`
+    turns them into agreement and kappa for any set of clips, e.g. a bootstrap draw."""
+    if len(a) != len(b) or not len(a): raise bad_arg("b", f"{len(a)} token sequences (one per clip of a)", len(b))
+    levels = torch.as_tensor(a[0]).reshape(-1, torch.as_tensor(a[0]).shape[-1]).shape[0]
+    same, total = np.zeros(len(a)), np.zeros(len(a))
+    counts_a, counts_b = np.zeros((len(a), levels, n_tokens)), np.zeros((len(a), levels, n_tokens))
+    for i, (x, y) in enumerate(zip(a, b)):
+        n = min(x.shape[-1], y.shape[-1])
+        x, y = torch.as_tensor(x)[..., :n].reshape(levels, n), torch.as_tensor(y)[..., :n].reshape(levels, n)
+        same[i], total[i] = int((x == y).sum()), x.numel()
+        for l in range(levels):
+            counts_a[i, l] = np.bincount(x[l].numpy(), minlength=n_tokens)[:n_tokens]; counts_b[i, l] = np.bincount(y[l].numpy(), minlength=n_tokens)[:n_tokens]
+    return dict(same=same, total=total, counts_a=counts_a, counts_b=counts_b)
+
+
+def agreement_from_counts(counts: dict[str, np.ndarray], # from `agreement_counts`
+                          weights: np.ndarray | None = None, # how often each clip counts (a bootstrap draw); None: once
+                         ) -> tuple[float, float]:
+    "(share of aligned positions holding the same token, Cohen's kappa: that share corrected for chance) over the weighted clips."
+    w = np.ones(len(counts["same"])) if weights is None else np.asarray(weights, dtype=float)
+    if w.shape != counts["same"].shape or (w < 0).any() or not w.sum() > 0:
+        raise bad_arg("weights", f"{len(counts['same'])} non-negative weights, not all 0", w.shape if w.shape != counts["same"].shape else "all 0 or negative")
+    observed = float(w @ counts["same"]) / max(float(w @ counts["total"]), 1.0)
+    pa, pb = np.einsum("n,nlk->lk", w, counts["counts_a"]), np.einsum("n,nlk->lk", w, counts["counts_b"])  # token frequencies per level
+    # two independent draws from one level's token frequencies agree this often; levels weigh equally
+    chance = float(np.mean([(pa[l] / max(pa[l].sum(), 1)) @ (pb[l] / max(pb[l].sum(), 1)) for l in range(len(pa))]))
+    return observed, (observed - chance) / (1 - chance) if chance < 1 else 0.0
+
+
 def token_agreement(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], # token ids per clip, (positions,) or (levels, positions)
                     n_tokens: int) -> tuple[float, float]:
     "(share of aligned positions holding the same token in a and b, Cohen's kappa: that share corrected for chance)."
-    if len(a) != len(b) or not len(a): raise bad_arg("b", f"{len(a)} token sequences (one per clip of a)", len(b))
-    levels = torch.as_tensor(a[0]).reshape(-1, torch.as_tensor(a[0]).shape[-1]).shape[0]
-    same = total = 0
-    pa, pb = np.zeros((levels, n_tokens)), np.zeros((levels, n_tokens))  # token frequencies per level
-    for x, y in zip(a, b):
-        n = min(x.shape[-1], y.shape[-1])
-        x, y = torch.as_tensor(x)[..., :n].reshape(levels, n), torch.as_tensor(y)[..., :n].reshape(levels, n)
-        same += int((x == y).sum()); total += x.numel()
-        for l in range(levels):
-            pa[l] += np.bincount(x[l].numpy(), minlength=n_tokens)[:n_tokens]; pb[l] += np.bincount(y[l].numpy(), minlength=n_tokens)[:n_tokens]
-    observed = same / max(total, 1)
-    # two independent draws from one level's token frequencies agree this often; levels weigh equally
-    chance = float(np.mean([(pa[l] / pa[l].sum()) @ (pb[l] / pb[l].sum()) for l in range(levels)]))
-    return observed, (observed - chance) / (1 - chance) if chance < 1 else 0.0
+    return agreement_from_counts(agreement_counts(a, b, n_tokens))

@@ -63,16 +63,23 @@ class PhoneRecognizer(SupervisedTokenizer):
                 out[i] = [self.config.phones[k] for k in ctc_best_path(logits, int(m.sum()))]
         return out[0] if single else out
 
-    def phone_error_rate(self, wavs: Sequence, # waveforms at 16 kHz
-                         references: Sequence[Sequence[str]], # reference phones per waveform ('sil' is ignored)
-                        ) -> float:
-        "Corpus phone error rate: total edit distance over total reference phones."
+    def phone_errors(self, wavs: Sequence, # waveforms at 16 kHz
+                     references: Sequence[Sequence[str]], # reference phones per waveform ('sil' is ignored)
+                    ) -> tuple[np.ndarray, int]:
+        "Phone edit distance of each waveform's recognition to its reference, and the references' total phone count."
         if len(wavs) != len(references): raise bad_arg("references", f"{len(wavs)} phone sequences (one per waveform)", len(references))
         refs = [[p for p in r if p != "sil"] for r in references]
         total = sum(map(len, refs))
         if total == 0: raise bad_arg("references", "at least one non-silence phone", references[:2])
         hyps = self.recognize(list(wavs))
-        return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / total
+        return np.array([edit_distance(r, h) for r, h in zip(refs, hyps)], dtype=float), total
+
+    def phone_error_rate(self, wavs: Sequence, # waveforms at 16 kHz
+                         references: Sequence[Sequence[str]], # reference phones per waveform ('sil' is ignored)
+                        ) -> float:
+        "Corpus phone error rate: total edit distance over total reference phones."
+        errors, total = self.phone_errors(wavs, references)
+        return float(errors.sum() / total)
 
 # %% ../nbs/06b_codec_semantics.ipynb #8baca26f
 @dataclass(frozen=True)
@@ -360,8 +367,12 @@ def level_vectors(codec: Codec, wav: np.ndarray) -> torch.Tensor:
 
 
 def level_probes(codec: Codec, train_rows, test_rows, # SpeechWorld ASR rows with 'audio', 'frame_phones', 'speaker'
-                 n_phones: int, speakers: Sequence[str], steps: int = 600, progress: bool = True) -> pd.DataFrame:
-    "Linear phone and speaker probe accuracy on each RVQ level's code vectors."
+                 n_phones: int, speakers: Sequence[str], steps: int = 600, progress: bool = True,
+                 per_utterance: bool = False, # True: also return each test utterance's correct frames per probe and level
+                ) -> pd.DataFrame | tuple[pd.DataFrame, dict]:
+    """Linear phone and speaker probe accuracy on each RVQ level's code vectors. With `per_utterance`, also a record:
+    `frames` (probed frames per test utterance) and, per `(probe, level)`, each utterance's correctly probed frames
+    (for paired comparisons over utterances: frames of one utterance are not independent draws)."""
     import pandas as pd
     from tqdm.auto import tqdm
     from speechllm_course.probing import probe_accuracy
@@ -379,9 +390,15 @@ def level_probes(codec: Codec, train_rows, test_rows, # SpeechWorld ASR rows wit
             feats.append(v[:, :n].numpy()); phones.append(np.asarray(r["frame_phones"][:n])); who.append(np.full(n, spk[r["speaker"]]))
         return feats, phones, who
     (ftr, ptr, str_), (fte, pte, ste) = collect(train_rows), collect(test_rows)
-    rows = []
+    frames = np.array([len(p) for p in pte])
+    starts = np.concatenate([[0], np.cumsum(frames)[:-1]])
+    rows, record = [], {"frames": frames}
     for level in range(ftr[0].shape[0]):
         xtr, xte = [f[level] for f in ftr], [f[level] for f in fte]
-        rows.append(dict(level=level + 1, phone=probe_accuracy(xtr, ptr, xte, pte, n_phones, steps=steps),
-                         speaker=probe_accuracy(xtr, str_, xte, ste, len(speakers), steps=steps)))
-    return pd.DataFrame(rows).set_index("level")
+        row = dict(level=level + 1)
+        for probe, ytr, yte, n_classes in (("phone", ptr, pte, n_phones), ("speaker", str_, ste, len(speakers))):
+            correct = probe_accuracy(xtr, ytr, xte, yte, n_classes, steps=steps, per_item=True)
+            row[probe], record[probe, level + 1] = float(correct.mean()), np.add.reduceat(correct, starts)
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("level")
+    return (table, record) if per_utterance else table

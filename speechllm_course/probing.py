@@ -30,7 +30,9 @@ def probe_accuracy(train_x: np.ndarray | Sequence[np.ndarray], # (frames, D) or 
                    n_classes: int,
                    hidden: int = 0, # 0: linear (softmax regression); > 0: MLP with one hidden layer
                    steps: int = 1500, batch_size: int = 1024, lr: float | None = None, max_frames: int | None = 200_000,
-                   seed: int = 0) -> float:
+                   seed: int = 0,
+                   per_item: bool = False, # True: each test frame's 0/1 correctness (its mean is the accuracy), for paired comparisons
+                  ) -> float | np.ndarray:
     "Frame accuracy on the test frames of a probe trained on the training frames (features standardised on train)."
     cat = lambda a: np.concatenate([np.asarray(x) for x in a]) if not isinstance(a, np.ndarray) else a
     Xtr, ytr, Xte, yte = cat(train_x), cat(train_y), cat(test_x), cat(test_y)
@@ -60,7 +62,8 @@ def probe_accuracy(train_x: np.ndarray | Sequence[np.ndarray], # (frames, D) or 
         opt.zero_grad(); loss.backward(); opt.step(); sched.step()
     with torch.no_grad():
         pred = torch.cat([probe(Xte[i: i + 65536]).argmax(1) for i in range(0, len(Xte), 65536)])
-    return float((pred == yte).float().mean())
+    correct = (pred == yte).float()
+    return correct.numpy() if per_item else float(correct.mean())
 
 # %% ../nbs/03_probing.ipynb #5d46b239
 class CPCConfig(PretrainedConfig):

@@ -608,6 +608,15 @@ class PhoneTrigram:
         lp, n = map(sum, zip(*(self.log_prob(s) for s in transcripts)))
         return math.exp(-lp / n)
 
+    def cross_entropy(self, transcripts: Sequence[Sequence[str]]) -> tuple[float, float]:
+        """Nats per predicted phone over the transcripts (the log of `perplexity`) and its standard error, treating
+        the transcripts as independent draws (a ratio of sums: the delta method's linearisation)."""
+        if len(transcripts) < 2: raise bad_arg("transcripts", "at least 2 phone sequences (for a standard error)", len(transcripts))
+        lp, n = map(np.array, zip(*(self.log_prob(s) for s in transcripts)))
+        h = float(-lp.sum() / n.sum())
+        residual = -lp - h * n  # each transcript's nats beyond what the pooled rate predicts for its length
+        return h, float(math.sqrt(len(n) / (len(n) - 1) * (residual ** 2).sum()) / n.sum())
+
 
 def interleave_levels(codes: torch.Tensor, # (levels, frames) codec code ids
                       codebook_size: int) -> list[int]:

@@ -6,7 +6,7 @@ import torch
 from speechllm_course.audio_tokens import (
     AUDIO_VARIANTS, PATCH_FRAMES, AudioEncoder, AudioEncoderConfig, AudioTokenizer, AudioTokenizerConfig,
     RandomProjectionTokenizer, RandomProjectionTokenizerConfig, encoder_features, event_clip, event_clips, log_mel_patches,
-    random_patch_mask, token_agreement, token_histogram, train_audio_encoder, train_audio_tokenizer)
+    agreement_counts, agreement_from_counts, random_patch_mask, token_agreement, token_histogram, train_audio_encoder, train_audio_tokenizer)
 from speechllm_course.core import HOP
 from speechllm_course.world import EVENT_KINDS
 
@@ -113,6 +113,17 @@ def test_token_agreement_and_kappa():
     assert token_agreement([torch.tensor([[1, 2, 3], [0, 0, 0]])], [torch.tensor([[1, 2], [0, 1]])], 4)[0] == 0.75
 
 
+def test_agreement_counts_weigh_clips_as_a_bootstrap_draw_would():
+    a = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0]), torch.tensor([1, 1, 2, 2])]
+    b = [torch.tensor([0, 1, 2, 0]), torch.tensor([1, 0, 3, 2]), torch.tensor([1, 1, 2, 3])]
+    counts = agreement_counts(a, b, 4)
+    assert counts["same"].tolist() == [3, 0, 3] and counts["counts_a"].shape == (3, 1, 4)
+    assert agreement_from_counts(counts) == token_agreement(a, b, 4)
+    assert np.allclose(agreement_from_counts(counts, np.array([2, 2, 2])), token_agreement(a, b, 4))  # doubling every clip changes nothing
+    # clip 0 twice and clip 2 once is the set [a0, a0, a2]: what the bootstrap scores for that draw
+    assert np.allclose(agreement_from_counts(counts, np.array([2, 0, 1])), token_agreement([a[0], a[0], a[2]], [b[0], b[0], b[2]], 4))
+
+
 def test_token_histogram_is_one_normalised_histogram_per_level():
     h = token_histogram(torch.tensor([[0, 0, 1], [2, 2, 2]]), 3)
     assert np.allclose(h, [2 / 3, 1 / 3, 0, 0, 0, 1])
@@ -135,6 +146,10 @@ def test_token_histogram_is_one_normalised_histogram_per_level():
     (lambda: train_audio_tokenizer(AudioTokenizer(AudioTokenizerConfig(hidden_size=16, num_layers=1, num_heads=2, teacher_dim=8)),
                                    [torch.zeros(3, 320)], [torch.zeros(3, 5)], steps=1), ["teacher[0]", "(3, 8)"]),
     (lambda: token_agreement([torch.zeros(3, dtype=torch.long)], [], 4), ["b", "1 token sequences"]),
+    (lambda: agreement_from_counts(agreement_counts([torch.zeros(3, dtype=torch.long)] * 2, [torch.zeros(3, dtype=torch.long)] * 2, 4), np.ones(3)),
+     ["weights", "2 non-negative weights"]),
+    (lambda: agreement_from_counts(agreement_counts([torch.zeros(3, dtype=torch.long)] * 2, [torch.zeros(3, dtype=torch.long)] * 2, 4), np.zeros(2)),
+     ["weights", "not all 0"]),
 ])
 def test_bad_input(fn, words):
     with pytest.raises(ValueError) as e: fn()

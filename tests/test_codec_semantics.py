@@ -50,6 +50,9 @@ def test_recognizer_learns_to_tell_two_sounds_apart_through_train_asr():
     model.eval()
     assert model.recognize(wavs[:2]) == [["a", "s"], ["s", "a"]]
     assert model.phone_error_rate(wavs[:2], [["sil", "a", "s", "sil"], ["s", "a"]]) == 0.0
+    errors, total = model.phone_errors(wavs[:2], [["a", "s", "a"], ["a", "a"]])  # a phone left out; a phone misread
+    assert total == 5 and errors.tolist() == [1.0, 1.0]
+    assert model.phone_error_rate(wavs[:2], [["a", "s", "a"], ["a", "a"]]) == errors.sum() / total
 
 
 def test_recognizer_output_types_and_save_load(tmp_path):
@@ -163,6 +166,26 @@ def test_level_probes_names_a_speaker_missing_from_the_list():
     rows = [dict(speaker="spk01"), dict(speaker="spk02")]
     with pytest.raises(ValueError) as e: level_probes(model, rows, rows, n_phones=4, speakers=["spk01"], progress=False)
     assert "speakers" in str(e.value) and "spk02" in str(e.value) and "train_rows" in str(e.value)
+
+
+def test_level_probes_per_utterance_record_adds_up_to_the_table():
+    import io
+    import soundfile as sf
+    from speechllm_course.codec_semantics import level_probes
+    torch.manual_seed(0)
+    model = Codec(CodecConfig(channels=4, latent_dim=16, quantizer=dict(levels=2, codebook_size=16))).eval()
+    rng = np.random.default_rng(0)
+
+    def row(i):
+        buf = io.BytesIO(); sf.write(buf, (0.1 * rng.standard_normal(SAMPLE_RATE // 2)).astype(np.float32), SAMPLE_RATE, format="WAV")
+        return dict(audio={"bytes": buf.getvalue()}, frame_phones=list(rng.integers(0, 3, 25 + i)), speaker=f"spk0{i % 2}")
+    rows = [row(i) for i in range(6)]
+    table, record = level_probes(model, rows, rows[:4], n_phones=3, speakers=["spk00", "spk01"], steps=20, progress=False, per_utterance=True)
+    assert record["frames"].shape == (4,) and set(record) == {"frames"} | {(p, l) for p in ("phone", "speaker") for l in (1, 2)}
+    for (probe, level), correct in ((k, v) for k, v in record.items() if k != "frames"):
+        assert correct.shape == (4,) and (0 <= correct).all() and (correct <= record["frames"]).all()
+        assert correct.sum() / record["frames"].sum() == pytest.approx(table.loc[level, probe])
+    assert table.equals(level_probes(model, rows, rows[:4], n_phones=3, speakers=["spk00", "spk01"], steps=20, progress=False))
 
 
 @pytest.mark.parametrize("fn, words", [

@@ -113,3 +113,13 @@ def test_spoken_pairs_are_matched():
 def test_bad_input_names_the_argument(tiny_cpc, call, words):
     with pytest.raises(ValueError) as e: call(tiny_cpc)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_probe_per_item_correctness_averages_to_the_accuracy():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.eye(3)[y] + rng.normal(0, 0.8, (300, 3))  # noisy one-hot: some test rows are misread
+    acc = probe_accuracy(x[:200], y[:200], x[200:], y[200:], 3, steps=200)
+    correct = probe_accuracy(x[:200], y[:200], x[200:], y[200:], 3, steps=200, per_item=True)
+    assert correct.shape == (100,) and set(np.unique(correct)) <= {0.0, 1.0}
+    assert 0 < correct.mean() < 1 and correct.mean() == pytest.approx(acc)

@@ -1,4 +1,6 @@
 "Chapter 07: audio checks, speaker encoder, flow-matching decoder, Griffin-Lim vocoder, HuBERT units, the pipeline, babbling tools, bad input."
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -227,6 +229,18 @@ def test_phone_trigram_prefers_the_training_order():
     with pytest.raises(ValueError, match="weights"): PhoneTrigram((0.5, 0.5, 0.5))
     with pytest.raises(ValueError, match="transcripts"): PhoneTrigram().fit([[]])
     with pytest.raises(RuntimeError, match="fit"): PhoneTrigram().perplexity([["a"]])
+
+
+def test_phone_trigram_cross_entropy_is_the_log_perplexity_with_a_standard_error():
+    lm = PhoneTrigram().fit([["a", "b", "c", "d"]] * 10 + [["d", "c"]])
+    babble = [["a", "b", "c", "d"], ["d", "c", "b", "a"], ["a", "b"], ["c", "a", "d"]]
+    h, se = lm.cross_entropy(babble)
+    assert h == pytest.approx(math.log(lm.perplexity(babble))) and se > 0
+    h_same, se_same = lm.cross_entropy([["a", "b", "c", "d"]] * 4)
+    assert se_same == pytest.approx(0, abs=1e-12) and h_same < h  # identical transcripts: no spread
+    # with more transcripts of the same kind the standard error shrinks like 1/sqrt(n)
+    assert lm.cross_entropy(babble * 9)[1] == pytest.approx(se * math.sqrt((36 / 35) / (4 / 3)) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="transcripts"): lm.cross_entropy([["a"]])
 
 
 def test_babble_has_the_length_and_the_constraints():
