@@ -328,13 +328,16 @@ def normalize_reply(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .!?")
 
 
-def zero_shot_scores(replies: Sequence[str], answers: Sequence[str], text_replies: Sequence[str], kind: str) -> dict:
+def zero_shot_scores(replies: Sequence[str], answers: Sequence[str], text_replies: Sequence[str], kind: str,
+                     per_item: bool = False, # True: {'right', 'same'}, each item's 0/1 outcome, for paired comparisons
+                    ) -> dict:
     "{'accuracy', 'agreement'}: right answers ('qa': `world.check_answer`; 'instruction': exact reply) and replies equal to the text LLM's."
     if kind not in ("qa", "instruction"): raise bad_arg("kind", "'qa' or 'instruction'", kind)
     if not (len(replies) == len(answers) == len(text_replies)) or not len(replies):
         raise bad_arg("replies", f"one reply per item ({len(answers)} answers, {len(text_replies)} text replies)", len(replies))
     right = [check_answer(r, a) if kind == "qa" else normalize_reply(r) == normalize_reply(a) for r, a in zip(replies, answers)]
     same = [normalize_reply(r) == normalize_reply(t) for r, t in zip(replies, text_replies)]
+    if per_item: return dict(right=np.array(right, dtype=float), same=np.array(same, dtype=float))
     return dict(accuracy=float(np.mean(right)), agreement=float(np.mean(same)))
 
 # %% ../nbs/10_alignment.ipynb #c7eced0d
@@ -351,9 +354,11 @@ def speech_text_similarity(model: SpeechLM, tokenizer, features: torch.Tensor, #
     return F.normalize(text, dim=-1) @ F.normalize(speech, dim=-1).T
 
 
-def best_match_cosine(model: SpeechLM, tokenizer, features: Sequence[torch.Tensor], transcripts: Sequence[str], shift: int = 0) -> float:
+def best_match_cosine(model: SpeechLM, tokenizer, features: Sequence[torch.Tensor], transcripts: Sequence[str], shift: int = 0,
+                      per_clip: bool = False, # True: each transcript's value (their mean is the default result)
+                     ) -> float | np.ndarray:
     "Mean over transcript tokens of the best cosine with any adapted position of clip (i + shift): shift 0 matched, else a control."
     if len(features) != len(transcripts) or not len(features): raise bad_arg("transcripts", f"{len(features)} transcripts (one per clip)", len(transcripts))
     n = len(features)
     sims = [speech_text_similarity(model, tokenizer, features[(i + shift) % n], t).max(1).values.mean().item() for i, t in enumerate(transcripts)]
-    return float(np.mean(sims))
+    return np.array(sims) if per_clip else float(np.mean(sims))

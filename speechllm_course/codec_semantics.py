@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ __all__ = ['SEMANTIC_CODEC_SIZES', 'SEMANTIC_CODEC_VERSION', 'CODEC_VERSIONS', '
            'PhoneRecognizer', 'SemanticCodecSizes', 'phone_examples', 'build_phone_recognizer', 'load_phone_recognizer',
            'DistilledCodecConfig', 'DistilledCodecOutput', 'first_level_output', 'DistilledCodec', 'TeacherCrops',
            'train_distilled_codec', 'with_quantizer_dropout', 'teacher_examples', 'build_course_codec',
-           'load_course_codec', 'listen_side_by_side', 'level_vectors', 'level_probes']
+           'load_course_codec', 'listen_side_by_side', 'listen_and_explore', 'level_vectors', 'level_probes']
 
 # %% ../nbs/06b_codec_semantics.ipynb #d285c201
 class PhoneRecognizerConfig(SupervisedTokenizerConfig):
@@ -343,20 +343,64 @@ def load_course_codec(kind: str = "rvq", # one of COURSE_CODECS
     return cls.from_pretrained(path / "model").eval()
 
 # %% ../nbs/06b_codec_semantics.ipynb #87f5876e
+def _waveforms(clips: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each clip as a 1-D float32 waveform, checked before any widget exists: an exception raised inside an Output
+    widget is drawn in the widget and swallowed, so a wrong clip would show as a traceback no one sees."""
+    if not isinstance(clips, Mapping) or not clips:
+        raise bad_arg("clips", "a non-empty mapping of label -> waveform", clips if not isinstance(clips, Mapping) else "an empty mapping")
+    checked = {}
+    for label, wav in clips.items():
+        try: samples, got = np.asarray(wav, dtype=np.float32), None
+        except (TypeError, ValueError):
+            several = isinstance(wav, (list, tuple)) and all(hasattr(p, "__len__") and not isinstance(p, str) for p in wav)
+            samples, got = None, f"{type(wav).__name__} of {len(wav)} parts of unequal length" if several else type(wav).__name__
+        if samples is None or samples.ndim != 1 or samples.size == 0:
+            raise bad_arg(f"clips[{label!r}]", f"one non-empty 1-D waveform at {SAMPLE_RATE} Hz", got or f"shape {samples.shape}")
+        checked[label] = samples
+    return checked
+
+
 def listen_side_by_side(clips: Mapping[str, np.ndarray], # label -> waveform at 16 kHz
                         columns: int = 3) -> widgets.GridBox:
     "Audio players in a labelled grid (ipywidgets), for listening to versions of one utterance one after another."
     import ipywidgets as widgets
     from IPython.display import Audio, display
-    if not clips: raise bad_arg("clips", "at least one labelled waveform", "an empty mapping")
+    if not (isinstance(columns, int) and columns >= 1): raise bad_arg("columns", "a positive int", columns)
     cells = []
-    for label, wav in clips.items():
+    for label, wav in _waveforms(clips).items():
         out = widgets.Output(layout=widgets.Layout(border="1px solid #ddd", padding="4px"))
         with out:
             print(label)
-            display(Audio(np.asarray(wav, dtype=np.float32), rate=SAMPLE_RATE))
+            display(Audio(wav, rate=SAMPLE_RATE))
         cells.append(out)
     return widgets.GridBox(cells, layout=widgets.Layout(grid_template_columns=f"repeat({columns}, 1fr)"))
+
+
+def listen_and_explore(clips_of: Callable[[int], Mapping[str, np.ndarray]], # item index -> label -> waveform at 16 kHz
+                       count: int, # the slider covers items 0 .. count - 1
+                       name: str = "utterance", columns: int = 3) -> widgets.VBox:
+    """Plain labelled players for item 0 (what a static page, e.g. the rendered docs, can play), then a slider over all
+    `count` items: moving it draws `listen_side_by_side` for the chosen one below it (in JupyterLab or Colab). Nothing
+    is drawn until the slider moves, so item 0's audio is not stored twice in the notebook. Returns the widget:
+    `.children` are the slider and the grid's Output."""
+    import ipywidgets as widgets
+    from IPython.display import Audio, display
+    if not (isinstance(count, int) and count >= 1): raise bad_arg("count", "a positive int (how many items the slider covers)", count)
+    if not callable(clips_of): raise bad_arg("clips_of", "a function: item index -> {label: waveform}", clips_of)
+    for label, wav in _waveforms(clips_of(0)).items():
+        print(label); display(Audio(wav, rate=SAMPLE_RATE))
+    slider, grid = widgets.IntSlider(0, 0, count - 1, description=name), widgets.Output()
+
+    def draw(change):
+        clips = _waveforms(clips_of(change["new"]))  # a bad clip raises here, in the callback, not inside the Output
+        with grid:
+            grid.clear_output(wait=True)
+            display(listen_side_by_side(clips, columns))
+
+    slider.observe(draw, names="value")
+    explorer = widgets.VBox([slider, grid])
+    display(explorer)
+    return explorer
 
 # %% ../nbs/06b_codec_semantics.ipynb #a5e35243
 @torch.no_grad()

@@ -172,6 +172,7 @@ def test_similarity_map_is_the_cosine_of_token_embeddings_and_adapter_outputs(to
     feats = [e["features"] for e in examples(3)]
     per_clip = [speech_text_similarity(model, tokenizer, feats[(i + 1) % 3], t).max(1).values.mean().item() for i, t in enumerate(TEXTS[:3])]
     assert best_match_cosine(model, tokenizer, feats, TEXTS[:3], shift=1) == pytest.approx(np.mean(per_clip))  # the control pairs clip i+1 with text i
+    np.testing.assert_allclose(best_match_cosine(model, tokenizer, feats, TEXTS[:3], shift=1, per_clip=True), per_clip, rtol=1e-6)
 
 
 def test_speech_instruction_puts_audio_where_the_transcript_tokens_go(tokenizer):
@@ -188,6 +189,8 @@ def test_zero_shot_scores_and_reply_normalisation():
     assert s["accuracy"] == pytest.approx(1 / 3) and s["agreement"] == pytest.approx(2 / 3)
     s = zero_shot_scores(["Los gatos.", "four"], ["los gatos", "five"], ["los gatos", "four"], "instruction")
     assert s == dict(accuracy=0.5, agreement=1.0)
+    items = zero_shot_scores(["it is seven", "no", "blue"], ["seven", "yes", "no"], ["seven", "no", "blue"], "qa", per_item=True)
+    assert items["right"].tolist() == [1.0, 0.0, 0.0] and items["same"].tolist() == [0.0, 1.0, 1.0]  # each item's outcome, for paired gaps
     with pytest.raises(ValueError, match="kind"): zero_shot_scores(["a"], ["a"], ["a"], "essay")
     with pytest.raises(ValueError, match="replies"): zero_shot_scores(["a"], ["a", "b"], ["a"], "qa")
 

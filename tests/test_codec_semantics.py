@@ -229,3 +229,38 @@ def test_teacher_examples_pair_each_waveform_with_one_teacher_row_per_frame():
     examples, mean, std = teacher_examples(wavs, teacher, layer=1, progress=False)
     assert [e["teacher"].shape for e in examples] == [(len(w) // HOP, 32) for w in wavs]
     assert mean.shape == std.shape == (32,) and (std > 0).all()
+
+
+def test_listening_grid_has_one_player_per_clip_and_rejects_a_clip_that_is_not_one_waveform():
+    from speechllm_course.codec_semantics import listen_side_by_side
+    grid = listen_side_by_side({"a": tone(220), "b": tone(330), "c": list(tone(440))}, columns=2)
+    assert len(grid.children) == 3 and "repeat(2," in grid.layout.grid_template_columns
+    # chapter 07 once passed eight utterances where one was meant: the error used to be drawn inside a widget, unseen
+    with pytest.raises(ValueError, match=r"clips\['codec'\].*1-D waveform.*list of 2 parts of unequal length"):
+        listen_side_by_side({"original": tone(220), "codec": [tone(220), tone(220, 0.3)]})
+    with pytest.raises(ValueError, match=r"clips\['codec'\].*shape \(2, 6400\)"):
+        listen_side_by_side({"codec": np.stack([tone(220), tone(330)])})
+    with pytest.raises(ValueError, match="clips: expected a non-empty mapping"):
+        listen_side_by_side({})
+    with pytest.raises(ValueError, match="columns: expected a positive int"):
+        listen_side_by_side({"a": tone(220)}, columns=0)
+
+
+def test_the_explorer_redraws_the_chosen_item_and_checks_its_arguments(capsys):
+    from speechllm_course.codec_semantics import listen_and_explore
+    asked = []
+    def clips_of(i):
+        asked.append(i)
+        return {"original": tone(200 + 50 * i), "codec": tone(200 + 50 * i, 0.3)}
+    explorer = listen_and_explore(clips_of, 4, name="clip")
+    shown = capsys.readouterr().out  # outside a notebook display() prints each player's repr
+    assert shown.index("original") < shown.index("Audio object") < shown.index("codec") < shown.index("IntSlider")
+    slider, grid = explorer.children
+    assert (slider.description, slider.min, slider.max, slider.value) == ("clip", 0, 3, 0)
+    assert asked == [0]  # item 0 once, for the plain players; the grid waits for the slider
+    slider.value = 3
+    assert asked == [0, 3]
+    with pytest.raises(ValueError, match="count: expected a positive int"):
+        listen_and_explore(clips_of, 0)
+    with pytest.raises(ValueError, match=r"clips\['codec'\]"):
+        listen_and_explore(lambda i: {"codec": [tone(200), tone(200, 0.2)]}, 2)

@@ -92,10 +92,49 @@ def _building(t: dict) -> str:
     return f"{_minutes(sum(t['built'].values()))} ({len(t['built'])} built)"
 
 
-def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = None, fallback: Path | None = None) -> Path:
+def empty_cache_estimate(timings: dict, scale: str, cache: Path | None = None) -> dict:
+    """What the summed chapter records miss, or count twice, for a `make course` from an empty cache. Records come from
+    different runs: a chapter rerun on its own may have built a model an earlier chapter's record already counts (both
+    count it; a full run builds it once), or loaded one built by a run whose record was later replaced (none counts
+    it). Returns {'twice': {artifact: seconds}, 'unrecorded': {artifact: seconds}}: builds to subtract, and the build
+    times (from each model's manifest in `cache`) to add."""
+    first, twice = {}, {}
+    for stem in sorted(timings):
+        t = timings[stem]
+        if t.get("scale") != scale: continue
+        for artifact, seconds in t.get("built", {}).items():
+            if artifact in first: twice[artifact] = twice.get(artifact, 0.0) + float(seconds)
+            else: first[artifact] = float(seconds)
+    unrecorded = {}
+    if cache is not None and Path(cache).is_dir():
+        for manifest in sorted(Path(cache).glob("*/manifest.json")):
+            name = manifest.parent.name
+            if name in first: continue
+            try: m = json.loads(manifest.read_text()); seconds = float(m["build_seconds"])
+            except (OSError, ValueError, KeyError, TypeError): continue
+            if m.get("scale", scale) == scale: unrecorded[name] = seconds
+    return dict(twice=twice, unrecorded=unrecorded)
+
+
+def _estimate_line(timings: dict, scale: str, cache: Path | None, total: float) -> str:
+    e = empty_cache_estimate(timings, scale, cache)
+    if not (e["twice"] or e["unrecorded"]): return ""
+    listed = lambda d: ", ".join(f"`{k}` {_minutes(v)}" for k, v in sorted(d.items()))
+    parts = []
+    if e["twice"]: parts.append(f"less the builds that two chapter records both count ({listed(e['twice'])})")
+    if e["unrecorded"]: parts.append(f"plus the builds of the models in `data/{scale}/` that no record counts, loaded by the "
+                                     f"chapters above from an earlier run ({listed(e['unrecorded'])}; from their manifests)")
+    estimate = total - sum(e["twice"].values()) + sum(e["unrecorded"].values())
+    return (f"\nFrom an empty cache (a fresh clone's `make course`), about {_minutes(estimate)}: the recorded total "
+            + ", ".join(parts) + ".\n")
+
+
+def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = None, fallback: Path | None = None,
+                 cache: Path | None = None) -> Path:
     """Write the results page `out` (Markdown) and its figures in `<out stem>_files/` from the executed notebooks in
     `notebooks` (chapters missing there are read from `fallback`, e.g. nbs/). `timings`: {chapter stem: {seconds, scale,
-    hardware, date}} (default: the one stored beside the page)."""
+    hardware, date}} (default: the one stored beside the page). `cache`: the models' folder (data/<scale>/), read for
+    what the records miss when estimating a run from an empty cache (`empty_cache_estimate`)."""
     files = out.with_name(f"{out.stem}_files")
     files.mkdir(parents=True, exist_ok=True)
     if timings is None:
@@ -131,7 +170,7 @@ def write_report(notebooks: Path, out: Path, scale: str, timings: dict | None = 
             "did not find there, so a first run takes the wall time and a rerun roughly the difference. Experiments a chapter trains "
             "afresh every run (06's collapse experiment, 05's grid of unit LMs) are not cached and count as wall time, not building.\n\n"
             f"| chapter | title | scale | wall time | of which building | run on | hardware |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
-            f"\n\nTotal recorded wall time at `{scale}`: {_minutes(total)}.\n")
+            f"\n\nTotal recorded wall time at `{scale}`: {_minutes(total)}.\n" + _estimate_line(timings, scale, cache, total))
     with atomic_write(out, "w", encoding="utf-8") as f: f.write(head + "\n" + "\n\n".join(sections) + "\n")
     return out
 
@@ -177,7 +216,9 @@ def main() -> int:
     args = ap.parse_args()
     results = ROOT / "data" / "results" / args.scale
     notebooks = Path(args.notebooks) if args.notebooks else results
-    out = write_report(notebooks, Path(args.out) if args.out else results / "results.md", args.scale, fallback=ROOT / "nbs")
+    from speechllm_course.core import data_root
+    out = write_report(notebooks, Path(args.out) if args.out else results / "results.md", args.scale, fallback=ROOT / "nbs",
+                       cache=data_root() / args.scale)
     print(f"results page: {out} (figures in {out.with_name(out.stem + '_files')})")
     return 0
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, DeadKernelError
+from queue import Empty
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,32 @@ def kernel_manager():
         import zmq
         km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
     return km
+
+
+def poll_in_slices(get_msg, slice_s: float = 0.5):
+    """`get_msg` of a kernel client's channel, waiting in slices of `slice_s` seconds up to the caller's timeout.
+    Why: cells that fill Output widgets (06b's and 07's listening grids) sometimes finished only when their whole
+    timeout ran out (an hour per cell here; 9 of 40 such cells in a test notebook with a 30 s timeout), the reply
+    having long arrived. nbclient's Output-widget mimic sends each captured output back to the kernel on the shell
+    channel while a poll waits on the same socket, and a zmq socket's "readable" signal fires once, on a change: the
+    send can consume it and the poll sleeps on. A fresh poll every slice finds the waiting message (0 of 40 waited)."""
+    async def get_msg_in_slices(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = slice_s if deadline is None else max(0.0, min(slice_s, deadline - time.monotonic()))
+            try: return await get_msg(timeout=wait)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline: raise
+    return get_msg_in_slices
+
+
+class ChapterClient(NotebookClient):
+    "nbclient's executor, with the kernel's shell and IOPub channels read by `poll_in_slices`."
+    async def async_start_new_kernel_client(self):
+        kc = await super().async_start_new_kernel_client()
+        for channel in (kc.shell_channel, kc.iopub_channel):
+            channel.get_msg = poll_in_slices(channel.get_msg)
+        return kc
 
 
 def _skip_eval_false(nb) -> list:
@@ -142,8 +169,8 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
             print(f"  {nb_path.name}: done on {r.get('date', '?')} ({r.get('seconds', 0):.0f} s) from the same sources; not run again (--fresh runs it)")
             continue
         skipped = _skip_eval_false(nb)
-        client = NotebookClient(nb, km=kernel_manager(), timeout=args.timeout,
-                                resources={"metadata": {"path": str(nb_path.parent)}})
+        client = ChapterClient(nb, km=kernel_manager(), timeout=args.timeout,
+                               resources={"metadata": {"path": str(nb_path.parent)}})
         t0, started = time.perf_counter(), time.time()
         print(f"  {nb_path.name} ...", end="", flush=True)
         try:
@@ -173,7 +200,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         # recorded as each chapter finishes, so an interrupted run keeps the times of the chapters it completed
         records = record_timings(page, {nb_path.stem: timings[nb_path.stem]}, args.scale, machine, built=built,
                                  sources={nb_path.stem: dict(source=digest, cells=cells)})
-    write_report(root / "nbs" if args.inplace else out_dir, page, args.scale, fallback=root / "nbs")
+    write_report(root / "nbs" if args.inplace else out_dir, page, args.scale, fallback=root / "nbs", cache=artifacts)
     print(f"results page: {page.relative_to(root)}")
     summary = dict(scale=args.scale, hardware=machine, date=time.strftime("%Y-%m-%d %H:%M"),
                    seconds=timings, total_seconds=round(sum(timings.values()), 1), built=built, failed=failed)
