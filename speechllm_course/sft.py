@@ -389,12 +389,15 @@ def evaluate_tasks(model, tokenizer, rows: Mapping[str, Sequence], features: Map
 
 def text_ability(llm, tokenizer, questions: Sequence[str], answers: Sequence[str], # typed questions and their canonical answers
                  texts: Sequence[str], # held-out rendered documents for perplexity
-                 max_new_tokens: int = 24) -> dict:
+                 max_new_tokens: int = 24,
+                 per_item: bool = False, # also return 'text_qa_right': each typed question's outcome (1 right, 0 wrong), for paired comparisons
+                ) -> dict:
     "{'text_qa_accuracy', 'text_perplexity'} of an LLM (or any module with the LLM's generate/forward) as a text model."
     if len(questions) != len(answers) or not len(questions): raise bad_arg("answers", f"{len(questions)} answers (one per question, at least one)", len(answers))
     got = reply(llm, tokenizer, list(questions), max_new_tokens=max_new_tokens)
-    return dict(text_qa_accuracy=float(np.mean([check_answer(g, a) for g, a in zip(got, answers)])),
-                text_perplexity=perplexity(llm, tokenizer, list(texts))["token_perplexity"])
+    right = np.array([check_answer(g, a) for g, a in zip(got, answers)], dtype=float)
+    ability = dict(text_qa_accuracy=float(right.mean()), text_perplexity=perplexity(llm, tokenizer, list(texts))["token_perplexity"])
+    return {**ability, "text_qa_right": right} if per_item else ability
 
 # %% ../nbs/12_sft.ipynb #af898d3f
 class _TextPath(nn.Module):

@@ -18,17 +18,18 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
 from .core import FRAME_RATE, HOP, SAMPLE_RATE, bad_arg, train
+from .core import NOISE_SES, Gap, paired_bootstrap, paired_gap  # chapter 00's claim statistics, still importable from here
 from .features import LogMel
 from .units import KMeans
 
 # %% auto #0
 __all__ = ['CHARS', 'BLANK', 'TOKENIZER_SIZES', 'TOKEN_RATES', 'TOKENIZER_VERSION', 'text_to_ids', 'ids_to_text', 'ctc_best_path',
-           'ctc_greedy_decode', 'edit_distance', 'error_rate', 'word_errors', 'paired_gap', 'paired_bootstrap',
-           'SupervisedTokenizerConfig', 'VectorQuantizer', 'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder',
-           'SupervisedTokenizerOutput', 'SupervisedTokenizer', 'pad_features', 'pad_tokens', 'pad_labels',
-           'length_buckets', 'TokenizerSizes', 'train_asr', 'pooled_encoder_outputs', 'with_quantizer', 'asr_examples',
-           'build_asr', 'load_asr', 'build_tokenizer', 'load_tokenizer', 'TokenASR', 'train_token_asr', 'token_means',
-           'pool_frames', 'ssl_units', 'codebook_usage']
+           'ctc_greedy_decode', 'edit_distance', 'error_rate', 'word_errors', 'SupervisedTokenizerConfig',
+           'VectorQuantizer', 'block_causal_mask', 'sinusoidal_positions', 'TokenDecoder', 'SupervisedTokenizerOutput',
+           'SupervisedTokenizer', 'pad_features', 'pad_tokens', 'pad_labels', 'length_buckets', 'TokenizerSizes',
+           'train_asr', 'pooled_encoder_outputs', 'with_quantizer', 'asr_examples', 'build_asr', 'load_asr',
+           'build_tokenizer', 'load_tokenizer', 'TokenASR', 'train_token_asr', 'token_means', 'pool_frames',
+           'ssl_units', 'codebook_usage']
 
 # %% ../nbs/05b_supervised_tokens.ipynb #95b7db98
 CHARS = " abcdefghijklmnopqrstuvwxyz'"  # the ASR alphabet; CTC's blank is id 0, CHARS[i] is id i + 1
@@ -97,42 +98,6 @@ def word_errors(refs: Sequence[str], hyps: Sequence[str]) -> np.ndarray:
     if isinstance(refs, str) or isinstance(hyps, str) or len(refs) != len(hyps) or not len(refs):
         raise bad_arg("hyps", f"{len(refs)} hypotheses (one per reference, at least one)", hyps if isinstance(hyps, str) else len(hyps))
     return np.array([edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps)], dtype=float)
-
-
-def paired_gap(scores: np.ndarray, baseline: np.ndarray, # per-item scores of two conditions on the same items
-               normalizer: float | None = None, # the difference is summed and divided by this (None: the item count, i.e. the mean)
-              ) -> tuple[float, float]:
-    "Difference of two paired per-item scores (e.g. 0/1 correct, or word errors over the total word count) and its standard error."
-    a, b = np.asarray(scores, dtype=float), np.asarray(baseline, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or len(a) < 2: raise bad_arg("baseline", f"per-item scores like `scores` (shape {a.shape}, at least 2 items)", b.shape)
-    norm = len(a) if normalizer is None else float(normalizer)
-    if not norm > 0: raise bad_arg("normalizer", "a positive number", normalizer)
-    d = a - b
-    return float(d.sum() / norm), float(np.sqrt(len(d)) * d.std(ddof=1) / norm)
-
-
-def paired_bootstrap(metric: Callable, # metric(outputs, references) -> float over a whole set (e.g. micro F1), not an item mean
-                     outputs: Sequence, baseline: Sequence, # two systems' outputs for the same items
-                     references: Sequence, # one reference per item
-                     n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """metric(outputs) - metric(baseline) on all items, and its standard error by the paired bootstrap: items drawn with
-    replacement, both systems scored on the same draw (Koehn 2004). For a metric that is a mean or ratio of per-item
-    scores, `paired_gap` gives the same without resampling."""
-    n = len(references)
-    if len(outputs) != n or len(baseline) != n:
-        raise bad_arg("baseline", f"{n} outputs for each system (one per reference)", f"{len(outputs)} and {len(baseline)}")
-    if n < 2: raise bad_arg("references", "at least 2 items", n)
-    if n_resamples < 2: raise bad_arg("n_resamples", "at least 2", n_resamples)
-    outputs, baseline, references = list(outputs), list(baseline), list(references)
-    gap = metric(outputs, references) - metric(baseline, references)
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_resamples):
-        idx = rng.integers(n, size=n)
-        refs = [references[i] for i in idx]
-        draws.append(metric([outputs[i] for i in idx], refs) - metric([baseline[i] for i in idx], refs))
-    return float(gap), float(np.std(draws, ddof=1))
-
 
 # %% ../nbs/05b_supervised_tokens.ipynb #16662123
 class SupervisedTokenizerConfig(PretrainedConfig):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from speechllm_course import core
+from speechllm_course.core import NOISE_SES, Gap, paired_bootstrap, paired_gap
 
 
 def test_scale_knob(monkeypatch):
@@ -219,3 +220,61 @@ def test_a_tied_embedding_lm_resumes_to_the_uninterrupted_weights_without_the_sh
     for (n, p), q in zip(resumed.named_parameters(), whole.parameters()):
         assert torch.allclose(p, q, atol=1e-6), f"{n} differs from the uninterrupted run"
     assert not torch.equal(resumed.model.embed_tokens.weight, make().model.embed_tokens.weight)
+
+
+# ---- judging a claim against its noise ----------------------------------------------------------------------------
+def test_a_gap_judges_claims_beyond_two_standard_errors_at_the_boundaries():
+    assert NOISE_SES == 2
+    g = Gap(0.30, 0.10)
+    # a gain: above its margin by more than two standard errors, and not at exactly two
+    assert g.exceeds() and g.exceeds(0.09) and not g.exceeds(0.10) and not g.exceeds(0.2)
+    assert not Gap(0.2, 0.1).exceeds() and Gap(0.2001, 0.1).exceeds()
+    # a drop, mirrored; "within a tolerance" fails only when short of it by more than the noise
+    assert Gap(-0.30, 0.10).below() and not Gap(-0.30, 0.10).below(0.1) and not g.below()
+    assert Gap(-0.05, 0.01).within(0.05) and Gap(-0.069, 0.01).within(0.05) and not Gap(-0.071, 0.01).within(0.05)
+    assert Gap(0.0, 0.0).within(0) and not Gap(0.0, 0.0).exceeds()
+    # formats with a sign and its error, in other units on request; unpacks and compares as a pair
+    assert f"{g}" == "+0.300 ± 0.100" and f"{g:.1f}" == f"{g:+.1f}" == "+0.3 ± 0.1" and f"{Gap(-0.3, 0.1).scaled(-100):.0f}" == "+30 ± 10"
+    gap, se = g
+    assert (gap, se) == g == (0.30, 0.10) and isinstance(paired_gap(np.ones(3), np.zeros(3)), Gap)
+    for bad in (-0.01, float("nan")):
+        with pytest.raises(ValueError, match="tolerance"):
+            g.within(bad)
+
+
+def test_the_paired_bootstrap_agrees_with_the_paired_gap_on_a_mean_and_names_bad_input():
+    rng = np.random.default_rng(3)
+    a, b = (rng.random(400) < 0.7).astype(float), (rng.random(400) < 0.6).astype(float)
+    accuracy = lambda outs, refs: float(np.mean([o == r for o, r in zip(outs, refs)]))
+    refs = np.ones(400)
+    gap, se = paired_bootstrap(accuracy, a, b, refs, n_resamples=2000, seed=0)
+    exact_gap, exact_se = paired_gap(a, b)
+    assert gap == pytest.approx(exact_gap) and se == pytest.approx(exact_se, rel=0.1)
+    # a set-level metric: micro F1 over predicted label sets, where no per-item mean exists
+    def micro_f1(preds, golds):
+        tp = sum(len(p & g) for p, g in zip(preds, golds)); fp = sum(len(p - g) for p, g in zip(preds, golds))
+        fn = sum(len(g - p) for p, g in zip(preds, golds))
+        return 2 * tp / max(1, 2 * tp + fp + fn)
+    golds = [{"bell", "beeps"}, {"siren"}, {"clicks"}, {"bell"}] * 20
+    good, bad = golds, [{"siren"}] * 80
+    gap, se = paired_bootstrap(micro_f1, good, bad, golds, n_resamples=200)
+    assert gap == pytest.approx(1 - micro_f1(bad, golds)) and 0 < se < gap / 4
+    assert isinstance(paired_bootstrap(micro_f1, good, bad, golds, n_resamples=20), Gap)
+    # drawn within strata, each stratum keeps its size: a stratum scored 1 against 0 throughout adds no variance
+    drawn = []
+    def share_of_first(outs, refs):
+        drawn.append(sum(r < 10 for r in refs))
+        return float(np.mean(outs))
+    ones_then_zeros, labels = np.r_[np.ones(10), np.zeros(30)], ["a"] * 10 + ["b"] * 30
+    assert paired_bootstrap(share_of_first, ones_then_zeros, np.zeros(40), list(range(40)), n_resamples=30, strata=labels) == (0.25, 0.0)
+    assert set(drawn[2:]) == {10}
+    assert paired_bootstrap(share_of_first, ones_then_zeros, np.zeros(40), list(range(40)), n_resamples=30).se > 0.03
+    with pytest.raises(ValueError, match="strata"):
+        paired_bootstrap(share_of_first, ones_then_zeros, np.zeros(40), list(range(40)), strata=labels[:-1])
+    assert paired_bootstrap(micro_f1, good, good, golds, n_resamples=50) == (0.0, 0.0)
+    assert paired_bootstrap(micro_f1, bad, good, golds, seed=1, n_resamples=50) == paired_bootstrap(micro_f1, bad, good, golds, seed=1, n_resamples=50)
+    for call, name in ((lambda: paired_bootstrap(micro_f1, good[:3], bad, golds), "baseline"),
+                       (lambda: paired_bootstrap(micro_f1, good[:1], bad[:1], golds[:1]), "references"),
+                       (lambda: paired_bootstrap(micro_f1, good, bad, golds, n_resamples=1), "n_resamples")):
+        with pytest.raises(ValueError, match=name):
+            call()

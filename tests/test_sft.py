@@ -12,7 +12,7 @@ from speechllm_course.lm import AUDIO_TOKEN, tiny_llama_config
 from speechllm_course.sft import (
     COT_SEPARATOR, INSTRUCTION_PHRASINGS, SFT_TASKS, TASK_TAGS, ModalityLoRA, SftCollator, add_task_tags, answer_part, check_task,
     instruction_examples, load_sft_model, make_sft_model, music_attributes, save_sft_model, score_task, tag_tokens, task_instruction,
-    task_target, text_examples, train_sft)
+    task_target, text_ability, text_examples, train_sft)
 
 DIM = 16
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -136,6 +136,18 @@ def test_train_on_a_speech_and_text_mix_lowers_the_loss(tokenizer):
 
 
 # ---------------------------------------------------------------- per-modality LoRA
+
+def test_text_ability_gives_each_typed_questions_outcome_only_on_request(tokenizer):
+    llm = speech_lm(tokenizer).llm
+    questions, answers, texts = [r["question"] for r in ROWS] * 2, [r["answer"] for r in ROWS] * 2, [r["answer_text"] for r in ROWS]
+    plain = text_ability(llm, tokenizer, questions, answers, texts, max_new_tokens=4)
+    detailed = text_ability(llm, tokenizer, questions, answers, texts, max_new_tokens=4, per_item=True)
+    assert set(plain) == {"text_qa_accuracy", "text_perplexity"} and set(detailed) == set(plain) | {"text_qa_right"}
+    right = detailed.pop("text_qa_right")
+    assert right.shape == (4,) and set(right.tolist()) <= {0.0, 1.0} and right.mean() == plain["text_qa_accuracy"] and detailed == plain
+    with pytest.raises(ValueError, match="answers"):
+        text_ability(llm, tokenizer, questions, answers[:1], texts)
+
 
 def test_per_modality_lora_text_path_is_the_base_llm_bit_for_bit(tokenizer):
     base = speech_lm(tokenizer)
