@@ -123,12 +123,19 @@ class Gap(NamedTuple):
     gap: float
     se: float
 
+    def _judgeable(self) -> None:
+        # a NaN compares False every way: "below" would never hold, so "within" would always hold, whatever happened
+        if not (math.isfinite(self.gap) and math.isfinite(self.se) and self.se >= 0):
+            raise bad_arg("gap", "a finite difference and a finite standard error >= 0 to judge a claim on", f"{self.gap} ± {self.se}")
+
     def exceeds(self, margin: float = 0.0) -> bool:
         "The gap is above `margin` by more than the noise: a claimed gain (of at least `margin`) holds."
+        self._judgeable()
         return self.gap - margin > NOISE_SES * self.se
 
     def below(self, margin: float = 0.0) -> bool:
         "The gap is below `-margin` by more than the noise: a claimed drop (of at least `margin`) holds."
+        self._judgeable()
         return self.gap + margin < -NOISE_SES * self.se
 
     def within(self, tolerance: float) -> bool:
@@ -153,6 +160,8 @@ def paired_gap(scores: np.ndarray, baseline: np.ndarray, # per-item scores of tw
     "Difference of two paired per-item scores (e.g. 0/1 correct, or word errors over the total word count) and its standard error."
     a, b = np.asarray(scores, dtype=float), np.asarray(baseline, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2: raise bad_arg("baseline", f"per-item scores like `scores` (shape {a.shape}, at least 2 items)", b.shape)
+    for name, x in (("scores", a), ("baseline", b)):
+        if not np.isfinite(x).all(): raise bad_arg(name, "finite per-item scores", f"{int((~np.isfinite(x)).sum())} NaN or infinite of {len(x)}")
     norm = len(a) if normalizer is None else float(normalizer)
     if not norm > 0: raise bad_arg("normalizer", "a positive number", normalizer)
     d = a - b

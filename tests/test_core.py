@@ -240,6 +240,14 @@ def test_a_gap_judges_claims_beyond_two_standard_errors_at_the_boundaries():
     for bad in (-0.01, float("nan")):
         with pytest.raises(ValueError, match="tolerance"):
             g.within(bad)
+    # a NaN would compare False every way, so "within" would always hold: no verdict is given on one
+    for broken in (Gap(float("nan"), 0.1), Gap(0.1, float("nan")), Gap(0.1, -0.1), Gap(float("inf"), 0.1)):
+        for judge in (broken.exceeds, broken.below, lambda: broken.within(0.05)):
+            with pytest.raises(ValueError, match="gap"):
+                judge()
+    for scores, baseline, name in ((np.array([1.0, np.nan, 0.0]), np.zeros(3), "scores"), (np.ones(3), np.array([0.0, np.inf, 1.0]), "baseline")):
+        with pytest.raises(ValueError, match=name):
+            paired_gap(scores, baseline)
 
 
 def test_the_paired_bootstrap_agrees_with_the_paired_gap_on_a_mean_and_names_bad_input():
