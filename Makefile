@@ -9,10 +9,11 @@ SCALE ?= course
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: course test install nbtest pytest gpu-test test-lowest export clean-nbs docs docs-check readme bench help
+.PHONY: course compare test install nbtest pytest gpu-test test-lowest export clean-nbs docs docs-check readme bench help
 
 help:
 	@echo "make course   - set up .venv and execute every chapter at SCALE=$(SCALE) (SCALE=smoke make course for a quick pass; a rerun resumes, FRESH=1 starts over)"
+	@echo "make compare  - after make course: each printed line of the run that differs from the committed outputs in nbs/ (timings left out)"
 	@echo "make test     - set up .venv and run nbdev_test (smoke scale, all notebooks) and pytest tests/"
 	@echo "make gpu-test - on a CUDA machine: pytest -m cuda, every chapter's full-scale training step (time, peak memory), every notebook on the GPU, full-scale peak memory in float32"
 	@echo "make test-lowest - the tests and notebooks in a separate venv with the lowest version of every requirement settings.ini allows (LOWEST_MODE=old-torch: torch lowest, the rest newest)"
@@ -39,6 +40,10 @@ THREADS = $${OMP_NUM_THREADS:-$$($(BIN)/python tools/cpu_budget.py --per $(1))}
 # a rerun resumes (chapters already executed from the same sources are skipped); FRESH=1 executes every chapter again
 course: $(STAMP)
 	t=$(call THREADS,1); SPEECHLLM_SCALE=$(SCALE) OMP_NUM_THREADS=$$t MKL_NUM_THREADS=$$t $(BIN)/python tools/run_course.py --scale $(SCALE) $(if $(FRESH),--fresh,)
+
+# informational: exits 1 when some chapter prints otherwise than the committed notebook (expected on another CPU)
+compare: $(STAMP)
+	$(BIN)/python tools/compare_outputs.py --scale $(SCALE)
 
 nbtest: $(STAMP)
 	t=$(call THREADS,$(NB_WORKERS)); echo "nbdev_test: $(NB_WORKERS) workers x $$t torch threads"; \
