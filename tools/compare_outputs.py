@@ -22,6 +22,9 @@ from pathlib import Path
 
 import nbformat
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from course_report import chapter_notebooks  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 MASK = "<t>"
 # durations and rates: "12.3 s", "4 min", "114.4 ms/step", "70 samples/s", "(177x real time)", tqdm's "[00:12<00:30, ...]"
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     if args.lines < 0:
         print(f"--lines: expected a count >= 0, got {args.lines}", file=sys.stderr)
         return 2
-    chapters = sorted(committed.glob("[0-9][0-9]*_*.ipynb"))
+    chapters = chapter_notebooks(committed)
     if args.only: chapters = [p for p in chapters if any(p.name.startswith(o) for o in args.only)]
     if not chapters:
         print(f"--only: no chapter in {committed} starts with {args.only}" if args.only else f"--committed: no chapter notebooks in {committed}",
