@@ -134,6 +134,52 @@ def test_an_interrupted_course_run_resumes_where_it_stopped(tmp_path, monkeypatc
     assert run() == 0 and runs()[n:] == ["02_b"]
 
 
+def test_a_prose_change_reaches_the_executed_copy_without_a_rerun(tmp_path, monkeypatch):
+    "Markdown never changes outputs: a reworded chapter keeps its run and gets the new words; new code, a new code cell or new package code still runs it."
+    import run_course
+    root, log = tmp_path / "course", tmp_path / "executions.log"
+    (root / "nbs").mkdir(parents=True)
+    (root / "speechllm_course").mkdir()
+    (root / "speechllm_course" / "lib.py").write_text("X = 1\n")
+    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "artifacts"))
+    source = root / "nbs" / "01_a.ipynb"
+    executed = root / "data" / "results" / "smoke" / "01_a.ipynb"
+    code = f"open({str(log)!r}, 'a').write('ran\\n'); print('out', 6 * 7)"
+    _chapter(root / "nbs", "01_a", "A", [(code, [])])
+    runs = lambda: len(log.read_text().split()) if log.exists() else 0
+    run = lambda: run_course.main(["--scale", "smoke"], root=root)
+    assert run() == 0 and runs() == 1
+
+    nb = nbformat.read(source, as_version=4)
+    nb.cells[0].source = "# A, reworded\n> a better summary"
+    nb.cells.append(nbformat.v4.new_markdown_cell("A closing paragraph."))
+    nbformat.write(nb, source)
+    assert run() == 0 and runs() == 1  # not executed again
+    copy = nbformat.read(executed, as_version=4)
+    assert [c.source for c in copy.cells] == [c.source for c in nb.cells]
+    assert copy.cells[1].outputs[0]["text"] == "out 42\n"  # the run's outputs stay beside the new prose
+    assert run() == 0 and runs() == 1  # and the record now stands for the new sources
+
+    nb.cells.insert(1, nbformat.v4.new_code_cell("y = 2"))  # a new code cell runs it
+    nbformat.write(nb, source)
+    assert run() == 0 and runs() == 2
+    nb.cells[0].source = "# A, again"
+    nbformat.write(nb, source)
+    (root / "speechllm_course" / "lib.py").write_text("X = 2\n")  # prose and package both changed: it runs
+    assert run() == 0 and runs() == 3
+    nb.cells[0].source = "# A, once more"
+    nbformat.write(nb, source)
+    stored = root / "data" / "results" / "smoke" / "results_files" / "chapters.json"
+    record = json.loads(stored.read_text())["01_a"]
+    assert run_course.with_new_prose(record, "smoke", nb, root / "speechllm_course", executed) is not None
+    assert run_course.with_new_prose(record, "course", nb, root / "speechllm_course", executed) is None  # another scale
+    copy = nbformat.read(executed, as_version=4)
+    copy.cells[2].source = "z = 3"  # a copy whose code is not what the record describes
+    nbformat.write(copy, executed)
+    assert run_course.with_new_prose(record, "smoke", nb, root / "speechllm_course", executed) is None
+    assert run() == 0 and runs() == 4
+
+
 def test_the_source_digest_ignores_outputs_and_sees_every_cell():
     import run_course
     nb = nbformat.v4.new_notebook()

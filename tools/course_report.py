@@ -208,6 +208,16 @@ def forget_sources(out: Path, stem: str) -> None:
     _store_timings(stored, timings)
 
 
+def renew_sources(out: Path, stem: str, sources: dict) -> dict:
+    """Say that a chapter's stored run now stands for the sources `sources` ({'source': digest, 'cells': digest}), its
+    wall time, date and builds unchanged: after `run_course` gave its executed copy the chapter's new prose."""
+    stored = out.with_name(f"{out.stem}_files") / TIMINGS
+    timings = json.loads(stored.read_text())
+    timings[stem].update(sources)
+    _store_timings(stored, timings)
+    return timings
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default=os.environ.get("SPEECHLLM_SCALE", "course"), choices=["smoke", "course", "full"])

@@ -10,7 +10,8 @@ with --inplace, the page the docs show).
 
 An interrupted or failed run resumes: a chapter that this runner already executed to the end at this scale, from the
 same chapter source and the same package code, is not executed again (its executed copy and recorded time stay);
-the chapters after it run as usual. Chapters named with --only always run.
+the chapters after it run as usual. A chapter whose prose (markdown cells) alone changed since is not executed again
+either: its executed copy takes the new prose beside the outputs it has. Chapters named with --only always run.
 """
 import argparse
 import hashlib
@@ -130,6 +131,28 @@ def done_earlier(record: dict | None, scale: str, digest: str, executed: Path) -
     return source_digest(copy) == record.get("cells")
 
 
+def code_sources(nb) -> list[str]:
+    return [cell.source for cell in nb.cells if cell.cell_type == "code"]
+
+
+def with_new_prose(record: dict | None, scale: str, nb, package: Path, executed: Path):
+    """The executed copy of an earlier run with chapter `nb`'s current prose in place of the prose it ran with, or None
+    when a run is needed. Only markdown may differ: the copy must be the complete run `record` describes at `scale`,
+    made with the package code of now (its cells plus today's package give the record's digest) and hold exactly
+    `nb`'s code cells in order; outputs never depend on markdown, so a wording fix costs no rerun."""
+    if not record or record.get("scale") != scale or not executed.exists():
+        return None
+    try: copy = nbformat.read(executed, as_version=4)
+    except Exception: return None
+    if source_digest(copy) != record.get("cells") or source_digest(copy, package) != record.get("source"):
+        return None
+    if code_sources(copy) != code_sources(nb):
+        return None
+    ran = iter([cell for cell in copy.cells if cell.cell_type == "code"])
+    copy.cells = [next(ran) if cell.cell_type == "code" else cell for cell in nb.cells]
+    return copy
+
+
 def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default=os.environ.get("SPEECHLLM_SCALE", "course"), choices=["smoke", "course", "full"])
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
     artifacts = data_root() / args.scale
     timings, built, failed = {}, {}, None
     sys.path.insert(0, str(ROOT / "tools"))
-    from course_report import TIMINGS, forget_sources, record_timings, write_report
+    from course_report import TIMINGS, forget_sources, record_timings, renew_sources, write_report
     page = root / "nbs" / "results.md" if args.inplace else out_dir / "results.md"
     stored = page.with_name(f"{page.stem}_files") / TIMINGS
     records = json.loads(stored.read_text()) if stored.exists() else {}
@@ -167,6 +190,16 @@ def main(argv: list[str] | None = None, root: Path = ROOT) -> int:
         if resume and done_earlier(records.get(nb_path.stem), args.scale, digest, executed):
             r = records[nb_path.stem]
             print(f"  {nb_path.name}: done on {r.get('date', '?')} ({r.get('seconds', 0):.0f} s) from the same sources; not run again (--fresh runs it)")
+            continue
+        refreshed = with_new_prose(records.get(nb_path.stem), args.scale, nb, package, executed) if resume else None
+        if refreshed is not None:
+            tmp = executed.with_name(f".{executed.name}.tmp")
+            nbformat.write(refreshed, tmp)
+            os.replace(tmp, executed)
+            records = renew_sources(page, nb_path.stem, dict(source=digest, cells=cells))
+            r = records[nb_path.stem]
+            print(f"  {nb_path.name}: done on {r.get('date', '?')} ({r.get('seconds', 0):.0f} s) from the same code; "
+                  "only its prose changed since, now in the executed copy; not run again (--fresh runs it)")
             continue
         skipped = _skip_eval_false(nb)
         client = ChapterClient(nb, km=kernel_manager(), timeout=args.timeout,
