@@ -37,13 +37,15 @@ def test_timings_paths_and_build_logs_are_left_out(tmp_path):
     committed = [[_stream("CPC ready in 0.4 s; 0.71 M parameters\nsaved to /work/main/data/course/cpc\n")],
                  [_table(_scores(1.25, 130.9))], [_stream("probe 0.812 in 12.3 s (177x real time), 114.4 ms/step\n")],
                  [_stream("build: {'final_loss': 0.0202, 'ms_per_step': 68.71, 'train_seconds': 12.5}\n"
-                          "200 questions answered in 0.4 s (557.5 per second)\n")]]
+                          "200 questions answered in 0.4 s (557.5 per second)\n"
+                          "first unit after 2.0, 4.0 steps (8, 13 ms vs 32, 17, 26 ms in this run)\n")]]
     ours = [[_stream("CPC step 150/1500 loss 3.8346 lr 1.99e-03 117.2 ms/step\nCPC ready in 250.1 s; 0.71 M parameters\n"
                      "saved to /tmp/fresh/data/course/cpc\n"),
              nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "x"}, "text/plain": "bar"})],
             [_table(_scores(1.25, 250.0))], [_stream("probe 0.812 in 40.0 s (30x real time), 300.0 ms/step\n")],
             [_stream("build: {'final_loss': 0.0202, 'ms_per_step': 64.88, 'train_seconds': 30.1}\n"
-                     "200 questions answered in 1.2 s (172.0 per second)\n")]]
+                     "200 questions answered in 1.2 s (172.0 per second)\n"
+                     "first unit after 2.0, 4.0 steps (8, 12 ms vs 33, 16, 27 ms in this run)\n")]]
     a, b = _chapter(tmp_path / "run", ours), _chapter(tmp_path / "nbs", committed)
     assert compare_outputs.compare_chapter(a, b) == []
     assert compare_outputs.main(["--ours", str(tmp_path / "run"), "--committed", str(tmp_path / "nbs")]) == 0
@@ -51,15 +53,18 @@ def test_timings_paths_and_build_logs_are_left_out(tmp_path):
 
 def test_a_changed_score_is_caught_line_by_line(tmp_path, capsys):
     committed = [[_table(_scores(1.25, 130.9))],
-                 [_stream("holds: A beats B (0.9 vs 0.1)\nbuild: {'final_loss': 0.0202}\n15.1 vs 12.8 positions per second\n")]]
+                 [_stream("holds: A beats B (0.9 vs 0.1)\nbuild: {'final_loss': 0.0202}\n15.1 vs 12.8 positions per second\n"
+                          "first unit after 2.0, 4.0 steps (8, 13 ms)\n")]]
     ours = [[_table(_scores(1.31, 130.9))],
-            [_stream("DOES NOT HOLD: A beats B (0.4 vs 0.5)\nbuild: {'final_loss': 0.0213}\n15.1 vs 12.9 positions per second\n")]]
+            [_stream("DOES NOT HOLD: A beats B (0.4 vs 0.5)\nbuild: {'final_loss': 0.0213}\n15.1 vs 12.9 positions per second\n"
+                     "first unit after 2.0, 5.0 steps (8, 13 ms)\n")]]
     a, b = _chapter(tmp_path / "run", ours), _chapter(tmp_path / "nbs", committed)
     diffs = compare_outputs.compare_chapter(a, b)
     assert [d["cell"] for d in diffs] == [0, 1]
     assert diffs[0]["only_ours"] == ["cpc | 0.812 | 1.31 | <t>"] and diffs[0]["only_committed"] == ["cpc | 0.812 | 1.25 | <t>"]
     # a loss is a result, not a timing; a rate is one too, unless it stands beside a wall time
-    assert diffs[1]["only_ours"][1:] == ["build: {'final_loss': 0.0213}", "15.1 vs 12.9 positions per second"]
+    assert diffs[1]["only_ours"][1:] == ["build: {'final_loss': 0.0213}", "15.1 vs 12.9 positions per second",
+                                         "first unit after 2.0, 5.0 steps (<t>)"]  # steps are counts, not wall times
     assert compare_outputs.main(["--ours", str(tmp_path / "run"), "--committed", str(tmp_path / "nbs")]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT HOLD: A beats B (0.4 vs 0.5)" in out and "0 of 1 chapters print the same" in out

@@ -27,8 +27,9 @@ from course_report import chapter_notebooks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MASK = "<t>"
-# durations and rates: "12.3 s", "4 min", "114.4 ms/step", "70 samples/s", "(177x real time)", tqdm's "[00:12<00:30, ...]"
-_TIMING = re.compile(r"\d+(?:\.\d+)?\s*(?:ms|s|min|h)\b(?:/\w+)?|\d+(?:\.\d+)?\s*(?:it|samples|steps|tokens|clips|utt\w*)/s"
+# durations and rates: "12.3 s", "8, 8, 12 ms", "4 min", "114.4 ms/step", "70 samples/s", "(177x real time)", tqdm's
+# "[00:12<00:30, ...]"
+_TIMING = re.compile(r"\d+(?:\.\d+)?(?:,\s*\d+(?:\.\d+)?)*\s*(?:ms|s|min|h)\b(?:/\w+)?|\d+(?:\.\d+)?\s*(?:it|samples|steps|tokens|clips|utt\w*)/s"
                      r"|\d+(?:\.\d+)?x real time|\[\d\d:\d\d[^\]]*\]")
 _RATE = re.compile(r"\d+(?:\.\d+)?(?= per second)|(?<=range )\d+(?:\.\d+)?-\d+(?:\.\d+)?")
 _PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+[\w.+-]*")
