@@ -44,7 +44,7 @@ def test_expected_media_counts_shown_figures_and_players(tmp_path):
     shown.outputs, hidden.outputs = [fig, audio], [fig]
     nb.cells = [shown, hidden]
     nbformat.write(nb, tmp_path / "x.ipynb")
-    assert docs_check.expected_media(tmp_path / "x.ipynb") == dict(figures=1, audio=2)
+    assert docs_check.expected_media(tmp_path / "x.ipynb") == dict(figures=1, audio=2, math=0)
 
 
 @pytest.mark.skipif(docs_check.find_browser() is None, reason="needs Chromium (Debian: apt-get install chromium)")
@@ -72,4 +72,53 @@ def test_a_blank_page_a_broken_figure_and_a_missing_chapter_fail(tmp_path):
 
 def test_expected_media_of_a_markdown_page_counts_its_png_images(tmp_path):
     (tmp_path / "results.md").write_text("# Results\n\n![a](results_files/a-1.png)\n\ntext ![b](results_files/b-1.png) ![c](c.svg)\n")
-    assert docs_check.expected_media(tmp_path / "results.md") == dict(figures=2, audio=0)
+    assert docs_check.expected_media(tmp_path / "results.md") == dict(figures=2, audio=0, math=0)
+
+
+def test_equations_are_counted_in_prose_only():
+    assert docs_check.equations("With $L$ levels of $K$ codes, $L\\log_2 K$ bits:\n$$\\hat z = \\sum_\\ell q_\\ell$$") == 4
+    assert docs_check.equations("`$OUT` and\n```bash\necho $HOME $PATH\n```\nno math") == 0  # code is not math
+    assert docs_check.equations("it costs \\$5, or \\$6; a lone $ sign") == 0
+    assert docs_check.equations("a network $v_\\theta(x_t \\mid\n\\text{units})$ wraps a line") == 1
+    assert docs_check.equations("one $ sign here\n\nand one $ sign in the next paragraph") == 0
+
+
+def test_tex_left_as_text_and_tex_errors_are_found():
+    rendered = ('<p>a loss <span class="MathJax" id="MathJax-Element-1-Frame">1−cos</span>'
+                '<script type="math/tex">1 - \\cos(h_t, h^{\\prime}_t)</script></p><pre>echo $a$</pre>'
+                '<style>.MathJax .merror {color: red}</style>')
+    assert docs_check.typeset_equations(rendered) == 1 and docs_check.raw_tex(rendered) == [] and docs_check.tex_errors(rendered) == 0
+    assert docs_check.raw_tex("<p>a loss $1 - \\cos(h_t, h'_t)$, averaged</p>") == ["$1 - \\cos(h_t, h'_t)$"]
+    failed = '<span class="MathJax_Error" id="MathJax-Element-2-Frame"><span>[Math Processing Error]</span></span>'
+    assert docs_check.tex_errors(failed) == 1
+    assert docs_check.tex_errors('<span class="MathJax"><span class="merror">Missing argument</span></span>') == 1
+
+
+@pytest.mark.skipif(docs_check.find_browser() is None, reason="needs Chromium (Debian: apt-get install chromium)")
+def test_the_static_site_typesets_equations_offline(tmp_path):
+    "The static site carries its own MathJax: an equation is typeset with no network, and a page without MathJax fails the check."
+    build_docs = pytest.importorskip("build_docs")
+    mathjax = build_docs.local_mathjax()
+    if mathjax is None: pytest.skip("jupyter-server-mathjax not installed")
+    import shutil
+    from nbconvert import HTMLExporter
+    nbs, site = tmp_path / "nbs", tmp_path / "site"
+    nbs.mkdir(); site.mkdir()
+    (nbs / "sidebar.yml").write_text("website:\n  sidebar:\n    contents:\n      - 01_a.ipynb\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# A\n" + "The levels of a residual quantizer add up: " * 20 + "$\\hat z = \\sum_{\\ell=1}^{L} q_\\ell$.")]
+    nbformat.write(nb, nbs / "01_a.ipynb")
+    shutil.copytree(mathjax, site / "mathjax")
+    exporter = HTMLExporter(template_name="lab")
+    exporter.mathjax_url = f"mathjax/MathJax.js?config={build_docs.MATHJAX_CONFIG}"
+    body, _ = exporter.from_notebook_node(nb)
+    nav = '<nav id="course-nav"><a href="01_a.html">A</a></nav>'
+    (site / "01_a.html").write_text(body.replace("<body", "<body data-x", 1).replace("</h1>", "</h1>" + nav, 1))
+    shots = site / "_check"; shots.mkdir()
+    pages = docs_check.sidebar_pages(nbs)
+    rep = docs_check.check_page(docs_check.find_browser(), site, "01_a.ipynb", pages, shots, nbs)
+    assert rep.math == "1/1" and rep.problems == [], rep.problems
+    shutil.rmtree(site / "mathjax")  # the same page with its MathJax gone: the TeX stays text
+    rep = docs_check.check_page(docs_check.find_browser(), site, "01_a.ipynb", pages, shots, nbs)
+    assert rep.math == "0/1" and any("equations not typeset" in p for p in rep.problems)
+    assert any(p.startswith("TeX shown as text") for p in rep.problems), rep.problems

@@ -3,7 +3,9 @@
 With Quarto installed this is nbdev's own `nbdev_docs` (site in _docs/). Quarto cannot be installed offline, so
 without it we process the notebooks the way nbdev does for Quarto (`proc_nbs`: hide `#| hide` cells, render
 `show_doc`, ...) and render each processed notebook to static HTML with nbconvert, adding a navigation sidebar
-built from nbs/sidebar.yml, so the site can still be read and checked in a browser here.
+built from nbs/sidebar.yml, so the site can still be read and checked in a browser here. Its equations are typeset by
+a copy of MathJax in the site (from the `jupyter-server-mathjax` wheel, a dev requirement), so they render offline
+too; without that package the pages load MathJax from its CDN, as nbconvert does.
 
     python tools/build_docs.py                # the site
     python tools/build_docs.py --readme-only  # README.md from nbs/index.ipynb
@@ -115,6 +117,17 @@ def write_readme() -> Path:
     return ROOT / "README.md"
 
 
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full"  # nbconvert's own choice: TeX and MathML input, HTML-CSS output
+
+
+def local_mathjax() -> Path | None:
+    "The folder holding MathJax.js from the `jupyter-server-mathjax` package, or None when it is not installed."
+    try: import jupyter_server_mathjax
+    except ImportError: return None
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    return static if (static / "MathJax.js").is_file() and (static / "config" / f"{MATHJAX_CONFIG}.js").is_file() else None
+
+
 def static_site() -> Path:
     "Process the notebooks like nbdev does, then render them to HTML with a sidebar."
     from nbconvert import HTMLExporter
@@ -137,6 +150,12 @@ def static_site() -> Path:
     OUT.mkdir()
     from nbconvert.preprocessors import TagRemovePreprocessor
     exporter = HTMLExporter(template_name="lab")
+    mathjax = local_mathjax()
+    if mathjax is not None:
+        shutil.copytree(mathjax, OUT / "mathjax")
+        exporter.mathjax_url = f"mathjax/MathJax.js?config={MATHJAX_CONFIG}"
+    else:
+        print("jupyter-server-mathjax not installed: the pages load MathJax from its CDN (no equations offline)", file=sys.stderr)
     exporter.register_preprocessor(TagRemovePreprocessor(remove_input_tags={"hide-input"}), enabled=True)
     for n in names:
         body, _ = exporter.from_notebook_node(pages[n])

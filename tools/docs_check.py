@@ -6,6 +6,8 @@ screenshot (`_docs/_check/<page>.png`) and the DOM after the page's scripts ran,
 - the page is there and is not blank: enough visible text, and a screenshot that is not one flat colour;
 - every figure the notebook has (an `image/png` output of a shown cell) is on the page as an image that decodes;
 - every audio player the notebook has is on the page as an `<audio>` element;
+- every equation of the notebook's prose ($...$, $$...$$) is typeset by MathJax, none shows a TeX error, and no
+  TeX is left as text in the prose;
 - the navigation links to every chapter of the sidebar, under a real title, and the page has a title of its own;
 - no raw Quarto markup ({target="_blank" ...}) shows in the text, and no Markdown table is left as text.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import html
 import io
 import re
 import shutil
@@ -55,19 +58,33 @@ def _shown(cell) -> bool:
     return not any(f.startswith(("#|hide", "#|default_exp", "#|include:false", "#|output:false")) for f in flags)
 
 
+# $$display$$ or $inline$ (an inline equation may wrap onto the next line, not past a blank one); \$ is a dollar sign
+_TEX_SPAN = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<![\\$])\$(?=\S)(?:[^$\n]|\n(?![ \t]*\n))+?(?<![\s\\])\$(?!\$)", re.S)
+
+
+def equations(markdown: str) -> int:
+    "How many TeX equations ($...$ inline, $$...$$ display) a Markdown text holds outside code."
+    prose = re.sub(r"(?ms)^\s*(```|~~~).*?^\s*\1", " ", markdown)
+    prose = re.sub(r"(`+).+?\1", " ", prose, flags=re.S)
+    return len(_TEX_SPAN.findall(prose))
+
+
 def expected_media(nb_path: Path) -> dict:
-    "{'figures': n, 'audio': n}: the image and audio outputs of the notebook's shown cells (a Markdown page: its PNG images)."
+    """{'figures': n, 'audio': n, 'math': n}: the image and audio outputs of the notebook's shown cells and the
+    equations of its prose (a Markdown page: its PNG images and equations)."""
     if nb_path.suffix == ".md":
-        return dict(figures=len(re.findall(r"!\[[^\]]*\]\([^)\s]+\.png\)", nb_path.read_text(encoding="utf-8"))), audio=0)
+        text = nb_path.read_text(encoding="utf-8")
+        return dict(figures=len(re.findall(r"!\[[^\]]*\]\([^)\s]+\.png\)", text)), audio=0, math=equations(text))
     nb = nbformat.read(nb_path, as_version=4)
     figures = audio = 0
+    math = sum(equations(c.source) for c in nb.cells if c.cell_type == "markdown")
     for c in nb.cells:
         if c.cell_type != "code" or not _shown(c): continue
         for o in c.get("outputs", []):
             data = o.get("data", {})
             figures += "image/png" in data
             audio += "".join(data.get("text/html", "")).count("<audio")
-    return dict(figures=figures, audio=audio)
+    return dict(figures=figures, audio=audio, math=math)
 
 
 def render(browser: str, page: Path, screenshot: Path, width: int = 1280, height: int = 2400) -> str:
@@ -93,6 +110,22 @@ def raw_table_rows(dom: str) -> list[str]:
     text (one row with a `|` the table syntax did not expect breaks the whole table). Code blocks are not paragraphs."""
     paragraphs = re.findall(r"<p[ >](.*?)</p>", dom, flags=re.S)
     return [re.sub(r"<[^>]+>", "", p).strip() for p in paragraphs if re.search(r"\|\s*:?-{3,}:?\s*\|", p)]
+
+
+def typeset_equations(dom: str) -> int:
+    "Equations MathJax typeset on the page (MathJax 2, nbconvert's: one frame per equation; MathJax 3, Quarto's: a container)."
+    return len(re.findall(r'id="MathJax-Element-\d+-Frame"|<mjx-container\b', dom))
+
+
+def raw_tex(dom: str) -> list[str]:
+    "TeX left as text in the page's prose (not in code, outputs or scripts): equations that no script typeset."
+    prose = re.sub(r"(?is)<(script|style|head|pre|code)\b[^>]*>.*?</\1>", " ", dom)
+    return _TEX_SPAN.findall(html.unescape(" ".join(re.sub(r"(?s)<[^>]+>", " ", prose).split())))
+
+
+def tex_errors(dom: str) -> int:
+    "Equations MathJax could not typeset: it shows them as an error box (class merror) or 'Math Processing Error'."
+    return len(re.findall(r'class="[^"]*\bmerror\b', dom)) + visible_text(dom).count("Math Processing Error")
 
 
 def decodable_images(dom: str) -> tuple[int, int]:
@@ -123,6 +156,7 @@ class PageReport:
     text_chars: int = 0
     figures: str = ""
     audio: str = ""
+    math: str = ""
     nav_links: str = ""
     pixel_std: float = 0.0
 
@@ -149,6 +183,11 @@ def check_page(browser: str, site: Path, nb_name: str, pages: list[str], shots: 
     n_audio = len(re.findall(r"<audio\b", dom))
     rep.audio = f"{n_audio}/{want['audio']}"
     if n_audio < want["audio"]: rep.problems.append(f"audio players missing: {n_audio} of {want['audio']}")
+    typeset = typeset_equations(dom)
+    rep.math = f"{typeset}/{want['math']}"
+    if typeset < want["math"]: rep.problems.append(f"equations not typeset: {typeset} of {want['math']}")
+    if tex_errors(dom): rep.problems.append(f"{tex_errors(dom)} equation(s) with a TeX error")
+    if raw_tex(dom): rep.problems.append(f"TeX shown as text: {raw_tex(dom)[0][:60]!r}")
     hrefs = set(re.findall(r'<nav[^>]*id="course-nav".*?</nav>', dom, re.S))
     nav = " ".join(hrefs)
     linked = [p for p in pages if f'href="{Path(p).with_suffix(".html").name}"' in nav]
@@ -179,10 +218,10 @@ def main(argv=None) -> int:
     shots = site / "_check"
     shots.mkdir(exist_ok=True)
     reports = [check_page(browser, site, p, pages, shots) for p in (args.pages or pages)]
-    print("| page | text chars | figures (page/notebook) | audio | nav links | screenshot spread | result |")
-    print("|---|---|---|---|---|---|---|")
+    print("| page | text chars | figures (page/notebook) | audio | equations | nav links | screenshot spread | result |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in reports:
-        print(f"| {r.page} | {r.text_chars} | {r.figures} | {r.audio} | {r.nav_links} | {r.pixel_std:.1f} | "
+        print(f"| {r.page} | {r.text_chars} | {r.figures} | {r.audio} | {r.math} | {r.nav_links} | {r.pixel_std:.1f} | "
               f"{'ok' if not r.problems else '; '.join(r.problems)} |")
     failed = [r for r in reports if r.problems]
     print(f"docs-check: {len(reports) - len(failed)} of {len(reports)} pages pass; screenshots in {shots}")
