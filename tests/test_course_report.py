@@ -98,14 +98,20 @@ def test_the_runner_counts_what_a_chapter_built(tmp_path):
     assert run_course.artifacts_built_since(tmp_path / "absent", 0) == {}
 
 
-def test_an_interrupted_course_run_resumes_where_it_stopped(tmp_path, monkeypatch):
-    "A rerun executes only what did not finish or changed since: a failed chapter, edited sources, edited package code."
-    import run_course
+def _course_tree(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    "A repository with nbs/ and a one-module package, its artifacts in tmp_path, and the log its chapters append to."
     root, log = tmp_path / "course", tmp_path / "executions.log"
     (root / "nbs").mkdir(parents=True)
     (root / "speechllm_course").mkdir()
     (root / "speechllm_course" / "lib.py").write_text("X = 1\n")
     monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "artifacts"))
+    return root, log
+
+
+def test_an_interrupted_course_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    "A rerun executes only what did not finish or changed since: a failed chapter, edited sources, edited package code."
+    import run_course
+    root, log = _course_tree(tmp_path, monkeypatch)
     mark = lambda stem: f"open({str(log)!r}, 'a').write('{stem}\\n')"
     for stem in ("01_a", "02_b"): _chapter(root / "nbs", stem, stem.upper(), [(mark(stem), [])])
     runs = lambda: log.read_text().split() if log.exists() else []
@@ -137,11 +143,7 @@ def test_an_interrupted_course_run_resumes_where_it_stopped(tmp_path, monkeypatc
 def test_a_prose_change_reaches_the_executed_copy_without_a_rerun(tmp_path, monkeypatch):
     "Markdown never changes outputs: a reworded chapter keeps its run and gets the new words; new code, a new code cell or new package code still runs it."
     import run_course
-    root, log = tmp_path / "course", tmp_path / "executions.log"
-    (root / "nbs").mkdir(parents=True)
-    (root / "speechllm_course").mkdir()
-    (root / "speechllm_course" / "lib.py").write_text("X = 1\n")
-    monkeypatch.setenv("SPEECHLLM_DATA", str(tmp_path / "artifacts"))
+    root, log = _course_tree(tmp_path, monkeypatch)
     source = root / "nbs" / "01_a.ipynb"
     executed = root / "data" / "results" / "smoke" / "01_a.ipynb"
     code = f"open({str(log)!r}, 'a').write('ran\\n'); print('out', 6 * 7)"
