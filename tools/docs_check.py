@@ -99,9 +99,9 @@ def render(browser: str, page: Path, screenshot: Path, width: int = 1280, height
     return dom.stdout
 
 
-def visible_text(dom: str) -> str:
-    "The DOM's text without scripts, styles and tags."
-    body = re.sub(r"(?is)<(script|style|head)[^>]*>.*?</\1>", " ", dom)
+def visible_text(dom: str, leave_out: tuple = ("script", "style", "head")) -> str:
+    "The DOM's text without tags and without the elements named in `leave_out` (by default scripts, styles, the head)."
+    body = re.sub(rf"(?is)<({'|'.join(leave_out)})\b[^>]*>.*?</\1>", " ", dom)
     return " ".join(re.sub(r"(?s)<[^>]+>", " ", body).split())
 
 
@@ -119,8 +119,7 @@ def typeset_equations(dom: str) -> int:
 
 def raw_tex(dom: str) -> list[str]:
     "TeX left as text in the page's prose (not in code, outputs or scripts): equations that no script typeset."
-    prose = re.sub(r"(?is)<(script|style|head|pre|code)\b[^>]*>.*?</\1>", " ", dom)
-    return _TEX_SPAN.findall(html.unescape(" ".join(re.sub(r"(?s)<[^>]+>", " ", prose).split())))
+    return _TEX_SPAN.findall(html.unescape(visible_text(dom, leave_out=("script", "style", "head", "pre", "code"))))
 
 
 def tex_errors(dom: str) -> int:
@@ -186,8 +185,9 @@ def check_page(browser: str, site: Path, nb_name: str, pages: list[str], shots: 
     typeset = typeset_equations(dom)
     rep.math = f"{typeset}/{want['math']}"
     if typeset < want["math"]: rep.problems.append(f"equations not typeset: {typeset} of {want['math']}")
-    if tex_errors(dom): rep.problems.append(f"{tex_errors(dom)} equation(s) with a TeX error")
-    if raw_tex(dom): rep.problems.append(f"TeX shown as text: {raw_tex(dom)[0][:60]!r}")
+    errors, left_as_text = tex_errors(dom), raw_tex(dom)
+    if errors: rep.problems.append(f"{errors} equation(s) with a TeX error")
+    if left_as_text: rep.problems.append(f"TeX shown as text: {left_as_text[0][:60]!r}")
     hrefs = set(re.findall(r'<nav[^>]*id="course-nav".*?</nav>', dom, re.S))
     nav = " ".join(hrefs)
     linked = [p for p in pages if f'href="{Path(p).with_suffix(".html").name}"' in nav]
